@@ -1,0 +1,279 @@
+"""Media-path capacity: how many simultaneous calls one server process carries in real time.
+
+N simulated calls stream real-time audio at once (a caller utterance every 8 s, real Silero
+VAD on it) against the real app, whose STT, LLM and TTS are instant test doubles (a fixed
+transcript, a fixed reply, a tone), so the numbers measure the server itself: WebSocket and
+JSON handling, μ-law decoding, resampling, VAD, turn-taking, outbound pacing with marks, the
+event bus and the database writes. The server runs in its own process (`--serve`); the load
+comes from `bench/media_load.py` in another process (a raw-socket client, cheap per frame).
+
+For each N (10, 25, 50, 100, 200, 300, 500, ... until a step fails) it reports, over a steady
+window after the ramp-up:
+
+- server CPU per call: ms of server-process CPU per second of call audio (getrusage);
+- inbound frame lag p99: how far behind its media timestamp a frame was when the server had
+  processed it (per call, relative to that call's best frame), measured inside the server;
+- outbound pacing jitter p99: how far each reply chunk's arrival strayed from real-time
+  playback, at the caller;
+- dropped frames (sent, never processed), late inbound frames (lag over `--late-ms`) and
+  outbound underruns (the caller's buffer ran dry in the middle of a reply: a gap).
+
+A step passes with zero dropped, late and underrun frames. The table goes to stdout, the JSON
+to bench/results/capacity_media.json.
+
+    .venv/bin/python bench/capacity_media.py                  # 10, 25, 50, ... until failure
+    .venv/bin/python bench/capacity_media.py --steps 50 100 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.capacity_server import merge  # noqa: E402
+
+DEFAULT_STEPS = [10, 25, 50, 100, 200, 300, 500, 750, 1000]
+REPLY = "Sure, a table for two tonight. What time would you like?"
+TRANSCRIPT = "I would like a table for two tonight please"
+
+
+# -- the server process -----------------------------------------------------------------------
+
+def serve(port: int, workers: int, profile: str | None) -> None:
+    """`--serve`: the real app (bench.capacity_server) in 1..N worker processes."""
+    import logging
+
+    from voicebot.workers import serve as serve_workers
+
+    logging.basicConfig(level=logging.WARNING)
+    def run() -> None:
+        database_url = os.environ["BENCH_DATABASE_URL"]
+        serve_workers(host="127.0.0.1", port=port, workers=workers, grace_s=5.0,
+                      log_level="warning", ws_max_size=1 << 16,
+                      factory="bench.capacity_server:app_from_env",
+                      sqlite_url=database_url if database_url.startswith("sqlite") else None)
+
+    if profile and workers == 1:
+        import cProfile
+        import signal
+
+        # The server exits on SIGTERM after draining; exit through SystemExit so cProfile
+        # writes its file.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        cProfile.runctx("run()", globals(), {"run": run}, profile)
+    else:
+        run()
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(port: int, process: subprocess.Popen[bytes], within_s: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("bench server exited at start-up")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("bench server not ready")
+
+
+def busy_cpus(sample_s: float = 2.0) -> float:
+    """How many CPUs other processes keep busy (from /proc/stat), sampled over `sample_s`."""
+
+    def read() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = read()
+    time.sleep(sample_s)
+    busy1, total1 = read()
+    return round((os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0), 2)
+
+
+def wait_quiet(max_busy: float, max_wait_s: float) -> float:
+    """Wait (up to `max_wait_s`) until the machine is nearly idle; returns the busy CPUs seen."""
+    deadline = time.monotonic() + max_wait_s
+    busy = busy_cpus()
+    while busy > max_busy and time.monotonic() < deadline:
+        busy = busy_cpus()
+    return busy
+
+
+def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
+    background = wait_quiet(args.max_background, args.wait_quiet_s)
+
+    port = free_port()
+    build = ROOT / "build"
+    build.mkdir(exist_ok=True)
+    db = build / f"bench-capacity-{n}.db"
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        path.unlink(missing_ok=True)
+    database_url = args.database_url or f"sqlite:///{db}"
+    stats_dir = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
+    server_cmd = [sys.executable, __file__, "--serve", "--port", str(port),
+                  "--workers", str(args.workers)]
+    if args.profile:
+        server_cmd += ["--profile-out", str(build / f"capacity-{n}.prof")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_DIR": str(stats_dir),
+           "BENCH_DATABASE_URL": database_url, "BENCH_VAD": args.vad,
+           "BENCH_LATE_MS": str(args.late_ms), "BENCH_RECORD": "0" if args.no_db else "1",
+           "BENCH_REPLY": REPLY, "BENCH_TRANSCRIPT": TRANSCRIPT}
+    server = subprocess.Popen(server_cmd, cwd=build, env=env)
+    try:
+        wait_ready(port, server)
+        load_cmd = [sys.executable, str(ROOT / "bench" / "media_load.py"),
+                    "--url", f"ws://127.0.0.1:{port}/twilio/media",
+                    "--duration", str(args.duration), "--ramp-s", str(max(3.0, n / 100))]
+        generators = max(1, min(args.generators, n // 50 or 1))
+        per = [n // generators + (1 if i < n % generators else 0) for i in range(generators)]
+        marks = ["--stats-dir", str(stats_dir)]
+        procs = [subprocess.Popen([*load_cmd, "--calls", str(k), *(marks if i == 0 else [])],
+                                  stdout=subprocess.PIPE, env=env) for i, k in enumerate(per)]
+        outputs = [json.loads(p.communicate(timeout=args.duration + 120)[0]) for p in procs]
+        time.sleep(2.0)  # the server finishes the calls it was sent `stop` for
+        window = merge(read_snapshots(stats_dir, "*.final.json"))
+        final = merge(read_snapshots(stats_dir, "[0-9]*[0-9].json"))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        shutil.rmtree(stats_dir, ignore_errors=True)
+    row = summarize(n, outputs, window, final)
+    row["background_cpus"] = background
+    return row
+
+
+def read_snapshots(directory: Path, pattern: str) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(path.read_text()) for path in sorted(directory.glob(pattern))]
+
+
+def summarize(n: int, outputs: list[dict], window: dict, final: dict) -> dict:  # type: ignore[type-arg]
+    total = {key: sum(o[key] or 0 for o in outputs)
+             for key in ("calls", "refused", "closed_early", "frames_sent", "late_sends",
+                         "media_in", "replies", "marks_echoed", "clears", "underruns")}
+    jitter_p99 = max((o["jitter_p99_ms"] or 0.0) for o in outputs)
+    window_s = float(window.get("window_s") or outputs[0]["window_s"] or 1.0)
+    if not window.get("workers"):
+        raise RuntimeError("the bench server wrote no numbers for the window")
+    audio_s = n * window_s
+    dropped = total["frames_sent"] - int(final["frames_total"])
+    late = int(window["late_frames"])
+    result = {
+        "calls": n,
+        "connected": total["calls"] - total["refused"],
+        "cpu_ms_per_call_s": round(float(window["cpu_s"]) * 1000 / audio_s, 2),
+        "server_cpu_pct": round(100 * float(window["cpu_s"]) / window_s, 1),
+        "frame_lag_p50_ms": window["lag_p50_ms"],
+        "frame_lag_p99_ms": window["lag_p99_ms"],
+        "frame_lag_max_ms": window["lag_max_ms"],
+        "loop_lag_p99_ms": window["loop_lag_p99_ms"],
+        "frame_work_us": window["frame_work_us"],
+        "frame_work_max_ms": window["frame_work_max_ms"],
+        "slow_frames": window["slow_frames"],
+        "jitter_p99_ms": round(jitter_p99, 1),
+        "dropped": dropped,
+        "late": late,
+        "underruns": total["underruns"],
+        "generator_late_sends": total["late_sends"],
+        "closed_early": total["closed_early"],
+        "replies": total["replies"],
+        "window_s": window_s,
+    }
+    result["ok"] = (total["frames_sent"] > 0 and dropped == 0 and late == 0 and total["underruns"] == 0
+                    and total["closed_early"] == 0 and result["connected"] == n)
+    return result
+
+
+COLUMNS = [("calls", "N", 5), ("cpu_ms_per_call_s", "cpu ms/s", 9),
+           ("server_cpu_pct", "cpu %", 6), ("frame_lag_p99_ms", "lag p99", 8),
+           ("frame_lag_max_ms", "lag max", 8), ("loop_lag_p99_ms", "loop p99", 8),
+           ("frame_work_us", "µs/frame", 8), ("jitter_p99_ms", "jit p99", 8),
+           ("dropped", "drop", 5), ("late", "late", 5), ("underruns", "gaps", 5),
+           ("generator_late_sends", "gen late", 8), ("background_cpus", "bg cpu", 6),
+           ("ok", "ok", 4)]
+
+
+def print_row(row: dict) -> None:  # type: ignore[type-arg]
+    print(" ".join(f"{row.get(key)!s:>{width}}" for key, _, width in COLUMNS), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the server's main thread into build/capacity-N.prof")
+    parser.add_argument("--profile-out", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, nargs="+", default=DEFAULT_STEPS)
+    parser.add_argument("--duration", type=float, default=20.0, help="steady window, s")
+    parser.add_argument("--late-ms", type=float, default=60.0,
+                        help="an inbound frame processed later than this is late")
+    parser.add_argument("--vad", choices=["silero", "energy"], default="silero")
+    parser.add_argument("--generators", type=int, default=1, help="load processes")
+    parser.add_argument("--database-url", help="default: a fresh SQLite file per step")
+    parser.add_argument("--no-db", action="store_true",
+                        help="do not store calls (to see what the database writes cost)")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--max-background", type=float, default=0.3,
+                        help="before a step, wait until other processes use fewer CPUs")
+    parser.add_argument("--wait-quiet-s", type=float, default=120.0)
+    parser.add_argument("--keep-going", action="store_true", help="run every step")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" /
+                                              "capacity_media.json"))
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.port, args.workers, args.profile_out)
+        return
+    print(f"server: {args.workers} worker(s); load: {args.generators} process(es); "
+          f"{os.cpu_count()} CPUs; "
+          f"VAD {args.vad}; window {args.duration:.0f} s; late > {args.late_ms:.0f} ms")
+    print(" ".join(f"{title:>{width}}" for _, title, width in COLUMNS))
+    rows = []
+    for n in args.steps:
+        row = run_step(n, args)
+        rows.append(row)
+        print_row(row)
+        if not row["ok"] and not args.keep_going:
+            break
+    passing = [r["calls"] for r in rows if r["ok"]]
+    best = max(passing) if passing else 0
+    print(f"\nlargest N with no dropped, late or gapped frames: {best}")
+    report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.platform(),
+              "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
+              "vad": args.vad, "workers": args.workers, "store_calls": not args.no_db,
+              "window_s": args.duration, "late_ms": args.late_ms,
+              "largest_passing_n": best, "steps": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The capacity benchmark's server: the real app with instant engines, instrumented.
+
+Engines are test doubles that are honest about it (a fixed transcript, a fixed reply streamed
+word by word, `ToneTts`), so what is left is the server's own work per call. Every inbound
+media frame's lag is measured where it is processed: `TwilioStream` is replaced (in
+`voicebot.media_endpoint`, for this process only) by a subclass that times `_dispatch` and
+compares the moment a frame was processed with its media timestamp.
+
+Every worker process reports through files in `BENCH_DIR`, so several workers sharing one
+socket can be measured together: a worker resets its counters when `reset` changes, writes
+`<pid>.json` twice a second, and `<pid>.final.json` when `end` changes (the end of the
+window). Configured by environment (the factory `app_from_env` runs in each worker):
+BENCH_DIR, BENCH_DATABASE_URL, BENCH_VAD (silero|energy), BENCH_LATE_MS, BENCH_RECORD (0: do
+not store calls), BENCH_REPLY, BENCH_TRANSCRIPT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+
+import voicebot.media_endpoint as media_endpoint
+from pipeline.conversation import Engines
+from pipeline.engines import ChatMessage
+from pipeline.factory import build_vad_factory
+from pipeline.tts_piper import ToneTts
+from telephony.messages import Media
+from telephony.stream import TwilioStream
+from voicebot.app import create_app
+from voicebot.settings import load_settings
+
+BUCKETS_PER_MS = 2
+MAX_MS = 10_000
+
+
+class FixedStt:
+    """A test double: every utterance "says" the same words, at once."""
+
+    name = "scripted"
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def transcribe(self, audio: object) -> str:
+        return self.text
+
+
+class InstantLlm:
+    """A test double: the same reply for everything, streamed word by word without delay."""
+
+    name = "scripted"
+    tools = None
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        for index, word in enumerate(self.reply.split(" ")):
+            yield word if index == 0 else " " + word
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> str:
+        return self.reply
+
+
+class BenchStats:
+    """This worker's counters for the window: frame lag histogram, work time, loop lag, CPU."""
+
+    def __init__(self, late_ms: float) -> None:
+        self.late_ms = late_ms
+        self.frames_total = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.hist = [0] * (MAX_MS * BUCKETS_PER_MS + 1)
+        self.frames = 0
+        self.late = 0
+        self.lag_max = 0.0
+        self.work_s = 0.0
+        self.work_max = 0.0
+        self.slow = 0  # frames whose own processing took over 20 ms (an await that stalled)
+        self.loop_lags: list[float] = []
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu0 = usage.ru_utime + usage.ru_stime
+        self.t0 = time.monotonic()
+
+    def observe(self, lag_s: float, work_s: float) -> None:
+        ms = lag_s * 1000
+        self.frames += 1
+        self.frames_total += 1
+        self.work_s += work_s
+        if work_s > self.work_max:
+            self.work_max = work_s
+        if work_s > 0.020:
+            self.slow += 1
+        self.hist[min(int(ms * BUCKETS_PER_MS), MAX_MS * BUCKETS_PER_MS)] += 1
+        if ms > self.lag_max:
+            self.lag_max = ms
+        if ms > self.late_ms:
+            self.late += 1
+
+    def snapshot(self, active_calls: int) -> dict[str, Any]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "pid": os.getpid(),
+            "frames_total": self.frames_total,
+            "frames": self.frames,
+            "window_s": time.monotonic() - self.t0,
+            "cpu_s": usage.ru_utime + usage.ru_stime - self.cpu0,
+            "hist": {str(i): n for i, n in enumerate(self.hist) if n},
+            "lag_max_ms": self.lag_max,
+            "late_frames": self.late,
+            "work_s": self.work_s,
+            "work_max_ms": self.work_max * 1000,
+            "slow_frames": self.slow,
+            "loop_lags": self.loop_lags,
+            "active_calls": active_calls,
+            "max_rss_mb": usage.ru_maxrss / 1024,
+        }
+
+
+def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """One window's numbers from every worker's snapshot."""
+    hist: dict[int, int] = {}
+    for snap in snapshots:
+        for key, count in snap["hist"].items():
+            hist[int(key)] = hist.get(int(key), 0) + count
+    frames = sum(s["frames"] for s in snapshots)
+
+    def lag_percentile(q: float) -> float | None:
+        seen = 0
+        for index in sorted(hist):
+            seen += hist[index]
+            if seen >= q * frames:
+                return round(index / BUCKETS_PER_MS, 1)
+        return None
+
+    loops = sorted(lag for s in snapshots for lag in s["loop_lags"])
+    work = sum(s["work_s"] for s in snapshots)
+    return {
+        "workers": len(snapshots),
+        "frames_total": sum(s["frames_total"] for s in snapshots),
+        "frames": frames,
+        "window_s": round(max((s["window_s"] for s in snapshots), default=0.0), 2),
+        "cpu_s": round(sum(s["cpu_s"] for s in snapshots), 3),
+        "lag_p50_ms": lag_percentile(0.50),
+        "lag_p99_ms": lag_percentile(0.99),
+        "lag_max_ms": round(max((s["lag_max_ms"] for s in snapshots), default=0.0), 1),
+        "late_frames": sum(s["late_frames"] for s in snapshots),
+        "frame_work_us": round(work / frames * 1e6, 1) if frames else None,
+        "frame_work_max_ms": round(max((s["work_max_ms"] for s in snapshots), default=0.0), 1),
+        "slow_frames": sum(s["slow_frames"] for s in snapshots),
+        "loop_lag_p99_ms": round(loops[int(0.99 * (len(loops) - 1))] * 1000, 1) if loops
+        else None,
+        "active_calls": sum(s["active_calls"] for s in snapshots),
+        "max_rss_mb": round(max((s["max_rss_mb"] for s in snapshots), default=0.0), 1),
+    }
+
+
+STATS = BenchStats(float(os.environ.get("BENCH_LATE_MS", "60")))
+
+
+class InstrumentedStream(TwilioStream):
+    """`TwilioStream` that measures each inbound frame's processing lag and work time."""
+
+    _base: float | None = None
+
+    async def _dispatch(self, event: object) -> None:
+        if type(event) is not Media:
+            await super()._dispatch(event)  # type: ignore[arg-type]
+            return
+        start = time.perf_counter()
+        await super()._dispatch(event)  # type: ignore[arg-type]
+        now = time.monotonic()
+        # When the frame was due by its own clock: this call's best offset plus its timestamp.
+        offset = now - event.timestamp_ms / 1000  # type: ignore[attr-defined]
+        if self._base is None or offset < self._base:
+            self._base = offset
+        STATS.observe(offset - self._base, time.perf_counter() - start)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+async def _report_loop(app: Starlette, directory: Path) -> None:
+    """Reset on `reset`, write snapshots, write the final one on `end` (see module doc)."""
+    seen_reset, seen_end = _read(directory / "reset"), _read(directory / "end")
+    pid = os.getpid()
+    while True:
+        await asyncio.sleep(0.25)
+        services = getattr(app.state, "services", None)
+        active = services.active_calls if services is not None else 0
+        reset, end = _read(directory / "reset"), _read(directory / "end")
+        if reset != seen_reset:
+            seen_reset = reset
+            STATS.reset()
+        snapshot = json.dumps(STATS.snapshot(active))
+        if end != seen_end:
+            seen_end = end
+            (directory / f"{pid}.final.json").write_text(snapshot)
+        (directory / f"{pid}.json").write_text(snapshot)
+
+
+async def _loop_lag_monitor() -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + 0.02
+        await asyncio.sleep(0.02)
+        STATS.loop_lags.append(max(0.0, loop.time() - due))
+
+
+def app_from_env() -> Starlette:
+    """The bench app, built in each worker from BENCH_* variables."""
+    settings = load_settings(
+        database_url=os.environ["BENCH_DATABASE_URL"], db_spool_dir="./bench-spool",
+        public_url=None, max_concurrent_calls=100_000, shed_queue_depth=0,
+        llm_base_url="http://127.0.0.1:9/v1", llm_model="bench", log_level="WARNING",
+        max_calls_per_address=100_000,
+    )
+    engines = Engines(
+        stt=FixedStt(os.environ.get("BENCH_TRANSCRIPT", "I would like a table for two")),
+        llm=InstantLlm(os.environ.get("BENCH_REPLY", "Sure. What time would you like?")),  # type: ignore[arg-type]
+        tts=ToneTts(), vad=build_vad_factory(settings, os.environ.get("BENCH_VAD", "silero")),
+        stt_limiter=anyio.CapacityLimiter(8))
+    if hasattr(engines, "turn_model"):
+        # The end-of-turn model is a model like STT: left out of the media-path numbers
+        # (bench/capacity_full.py runs it). Without it, the words and the silence decide.
+        engines.turn_model = None  # type: ignore[attr-defined]
+    media_endpoint.TwilioStream = InstrumentedStream  # type: ignore[misc]
+    app = create_app(settings, engines=engines)
+    directory = Path(os.environ["BENCH_DIR"])
+    record = os.environ.get("BENCH_RECORD", "1") != "0"
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[Any]:
+        async with inner(app) as state:
+            if not record:  # to see what storing calls costs: drop the recorder's subscription
+                bus = app.state.services.bus
+                bus._subscribers = [s for s in bus._subscribers if s[0] != "db"]
+            tasks = [asyncio.create_task(_report_loop(app, directory)),
+                     asyncio.create_task(_loop_lag_monitor())]
+            try:
+                yield state
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+    app.router.lifespan_context = lifespan
+    return app

@@ -1,0 +1,80 @@
+"""What a conversation is set up with: the call, its configuration, the shared engines."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from media.resample import to_ulaw_8k
+from media.vad import Vad
+from pipeline.call_control import MenuAction
+from pipeline.engines import LanguageModel, SpeechToText, TextToSpeech
+from pipeline.listener import EndpointConfig
+from pipeline.turn_detector import SmartTurnModel, shared_smart_turn
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    call_sid: str
+    stream_sid: str
+    from_number: str | None = None
+    to_number: str | None = None
+    direction: str = "inbound"
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ConversationConfig:
+    greeting: str
+    system_prompt: str
+    apology: str
+    endpoint: EndpointConfig
+    history_turns: int = 8
+    summary_max_chars: int = 600
+    stt_timeout_s: float = 6.0
+    tts_timeout_s: float = 6.0
+    llm_timeout_s: float = 8.0
+    goodbye: str = "Thanks for calling. Goodbye!"
+    transfer_message: str = "Let me put you through to a person. One moment."
+    reprompt: str = "Are you still there?"
+    idle_reprompt_s: float = 10.0
+    idle_hangup_s: float = 25.0
+    transfer_number: str | None = None
+    dtmf_menu: dict[str, MenuAction] = field(default_factory=dict)
+    llm_tools: bool = False  # the LLM is offered end_call/transfer_call functions
+
+
+@dataclass(slots=True)
+class Engines:
+    """The shared engines a conversation uses (loaded once per process)."""
+
+    stt: SpeechToText
+    llm: LanguageModel
+    tts: TextToSpeech
+    vad: Callable[[], Vad]
+    stt_limiter: anyio.CapacityLimiter
+    phrase_cache: dict[str, bytes] = field(default_factory=dict)  # text → μ-law 8 kHz
+    # Smart Turn (the `turn` extra), loaded once per process; None: words and silence decide.
+    turn_model: SmartTurnModel | None = field(default_factory=shared_smart_turn)
+
+    async def speak_ulaw(self, text: str, timeout_s: float) -> tuple[bytes, float]:
+        """Synthesize `text` to 8 kHz μ-law; returns (audio, ms until the first clip)."""
+        cached = self.phrase_cache.get(text)
+        if cached is not None:
+            return cached, 0.0
+        start = time.monotonic()
+        first_ms: float | None = None
+        parts: list[bytes] = []
+        with anyio.fail_after(timeout_s):
+            async for clip in self.tts.synthesize(text):
+                if first_ms is None:
+                    first_ms = (time.monotonic() - start) * 1000
+                parts.append(to_ulaw_8k(clip.samples, clip.sample_rate))
+        return b"".join(parts), first_ms or 0.0
+
+    async def warm_phrase(self, text: str, timeout_s: float = 30.0) -> None:
+        audio, _ = await self.speak_ulaw(text, timeout_s)
+        self.phrase_cache[text] = audio

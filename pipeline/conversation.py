@@ -1,0 +1,694 @@
+"""One phone conversation: listen, transcribe, think, speak, and stop when interrupted.
+
+`Conversation` is driven by the transport (`telephony.stream`): it is fed caller audio frames and
+DTMF digits and speaks through an `AudioSink`. It owns every task it starts (speculative STT, the
+reply in progress, the greeting) and cancels them all in `close()`, so nothing outlives a call.
+
+A reply is one task: wait for the transcript → stream the LLM → split sentences → synthesize →
+queue audio → wait until it has been heard. A barge-in (the caller talks over the bot for longer
+than a click) sends `clear` and cancels that task; its `finally` records what was actually heard.
+
+Who has the floor is decided by `pipeline.turn_taking.TurnTaking` (end of turn from the
+end-of-turn model and the words, backchannels, interruptions); this class carries out its
+actions: speculative STT and the model at a pause, a reply prepared early from a stable
+transcript (spoken only when the turn ends, cancelled if the caller goes on), pausing the bot
+for a possible interruption and resuming it (`pipeline.resume`) when it was none. Inbound audio
+first passes the echo guard (`pipeline.echo_guard`), which removes the bot's own voice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import anyio
+import numpy as np
+
+from media.mulaw import ulaw_to_pcm16
+from pipeline.call_control import CallControl, Intent, detect_intent
+from pipeline.call_setup import CallInfo, ConversationConfig, Engines
+from pipeline.echo_guard import EchoGuard
+from pipeline.engines import (
+    ChatMessage,
+    EngineError,
+    ToolRequest,
+)
+from pipeline.events import (
+    CallEnded,
+    CallEvent,
+    CallStarted,
+    EventBus,
+    UtteranceDone,
+    utcnow,
+)
+from pipeline.listener import Listener, SpeechEnded
+from pipeline.memory import ConversationMemory, RollingSummarizer
+from pipeline.resume import ResumableSink
+from pipeline.sentences import SentenceSplitter
+from pipeline.speech import AudioSink, SpokenSegment, heard_text
+from pipeline.turn_detector import TurnDetector
+from pipeline.turn_taking import (
+    Action,
+    Analyze,
+    Discard,
+    PauseBot,
+    Prepare,
+    SpeechBegan,
+    Transcribe,
+    TurnEnded,
+    TurnTaking,
+)
+from pipeline.turn_timing import TurnTiming
+
+log = logging.getLogger(__name__)
+
+FIRST_SEGMENT_SOFT_CHARS = 12
+FIRST_SEGMENT_MAX_CHARS = 90
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A reply started at a pause, before the turn ended: it thinks and synthesizes, but
+    speaks only once `gate` is set (the turn ended with this very transcript)."""
+
+    text: str
+    turn: int
+    task: asyncio.Task[None]
+    gate: asyncio.Event
+    timing: TurnTiming
+
+
+class Conversation:
+    """The per-call conversation state machine (see module docstring)."""
+
+    def __init__(
+        self,
+        call: CallInfo,
+        engines: Engines,
+        sink: AudioSink,
+        bus: EventBus,
+        config: ConversationConfig,
+        caller_context: str | None = None,
+        control: CallControl | None = None,
+    ) -> None:
+        self.call = call
+        self._control = control
+        self._engines = engines
+        # Everything the bot says goes through the resumable wrapper: a barge-in may pause it.
+        self._sink = ResumableSink(sink)
+        self._bus = bus
+        self.config = config
+        self.listener = Listener(engines.vad(), config.endpoint)
+        self.turns = TurnTaking(self.listener, TurnDetector(uses_model=engines.turn_model
+                                                            is not None))
+        self.echo_guard = EchoGuard()
+        self._clock = 0.0  # seconds of caller audio so far: the echo guard's timeline
+        self._prepared: _Prepared | None = None
+        self._paused: tuple[float, float] | None = None  # (speech onset, clear sent)
+        system_prompt = call.parameters.get("system_prompt") or config.system_prompt
+        self.memory = ConversationMemory(system_prompt, config.history_turns, caller_context)
+        self.summarizer = RollingSummarizer(max_chars=config.summary_max_chars,
+                                            call_sid=call.call_sid)
+        self._turn = 0
+        self._reply: asyncio.Task[None] | None = None
+        self._speculative: asyncio.Task[tuple[str, float]] | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._mono0 = time.monotonic()
+        self._wall0 = utcnow()
+        self._closed = False
+        self.barge_ins = 0
+        self._idle_ms = 0.0  # caller silence while the bot is quiet, in audio time
+        self._reprompted = False
+        self._ending = False
+
+    # Lifecycle -----------------------------------------------------------------------------
+    def _wall(self, mono: float) -> datetime:
+        return self._wall0 + timedelta(seconds=mono - self._mono0)
+
+    def _spawn(self, coro: object, name: str) -> asyncio.Task[object]:
+        task = asyncio.create_task(coro, name=f"{name}:{self.call.call_sid}")  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def begin(self) -> None:
+        """The call is connected: announce it and speak the greeting at once."""
+        self._bus.publish(
+            CallStarted(
+                call_sid=self.call.call_sid,
+                stream_sid=self.call.stream_sid,
+                from_number=self.call.from_number,
+                to_number=self.call.to_number,
+                direction=self.call.direction,
+                started_at=self._wall0,
+            )
+        )
+        greeting = self.call.parameters.get("greeting") or self.config.greeting
+        if greeting:
+            self._reply = self._spawn(self._say(greeting, turn=0), "greeting")  # type: ignore[assignment]
+
+    async def close(self, reason: str) -> None:
+        """The call ended: cancel everything this call started, then report the end."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        echo = self.echo_guard.stats
+        if echo.delay_ms is not None:
+            self._bus.publish(CallEvent(self.call.call_sid, "echo", {
+                "delay_ms": round(echo.delay_ms, 1), "cancelled_frames": echo.cancelled_frames,
+                "frames": echo.frames}))
+        self._bus.publish(CallEnded(self.call.call_sid, utcnow(), reason))
+
+    # Inputs --------------------------------------------------------------------------------
+    async def on_audio(self, pcm8k: np.ndarray) -> None:
+        """One inbound frame of caller audio (8 kHz int16)."""
+        self._track_idle(pcm8k.size / 8.0)
+        # The bot's voice coming back (speakerphone) is removed before anything listens.
+        self._clock += pcm8k.size / 8000
+        for chunk, sent_at in self._sink.take_sent():
+            self.echo_guard.far_end(ulaw_to_pcm16(chunk), sent_at - self._mono0)
+        pcm8k = self.echo_guard.process(pcm8k, self._clock)
+        await self._act(self.turns.feed(pcm8k, time.monotonic(), self._sink.audible))
+
+    def _track_idle(self, frame_ms: float) -> None:
+        """After `idle_reprompt_s` of caller silence ask if they are still there; after
+        `idle_hangup_s` more, say goodbye and hang up. Counted in audio time while the bot
+        is quiet; any caller speech starts over."""
+        if self._ending or self.bot_active or self.listener.in_speech:
+            self._idle_ms = 0.0
+            return
+        self._idle_ms += frame_ms
+        if not self._reprompted and self._idle_ms >= self.config.idle_reprompt_s * 1000:
+            self._reprompted = True
+            self._reply = self._spawn(self._say(self.config.reprompt, self._turn), "reprompt")  # type: ignore[assignment]
+        elif self._reprompted and self._idle_ms >= self.config.idle_hangup_s * 1000:
+            self._end_call("idle", self.config.goodbye)
+
+    def _end_call(self, reason: str, goodbye: str | None) -> None:
+        """Say goodbye (if given), wait until it has been heard, then hang up."""
+        if self._ending:
+            return
+        self._ending = True
+        self._bus.publish(CallEvent(self.call.call_sid, "end_call", {"reason": reason}))
+
+        async def run() -> None:
+            if goodbye:
+                await self._say(goodbye, self._turn)
+            await self._hang_up(reason)
+
+        self._spawn(run(), "end")
+
+    async def _hang_up(self, reason: str) -> None:
+        log.info("bot hangs up call_sid=%s reason=%s", self.call.call_sid, reason)
+        if self._control is not None:
+            await self._control.hang_up(f"bot_{reason}")
+
+    async def _transfer(self) -> None:
+        number = self.config.transfer_number
+        self._bus.publish(CallEvent(self.call.call_sid, "transfer", {"number": number}))
+        if not number or self._control is None:
+            log.warning("transfer asked but TRANSFER_NUMBER is not set call_sid=%s",
+                        self.call.call_sid)
+            await self._say("Sorry, I can't transfer you right now.", self._turn)
+            return
+        self._ending = True
+        await self._say(self.config.transfer_message, self._turn)
+        if not await self._control.transfer(number):
+            self._ending = False
+            await self._say("Sorry, the transfer didn't go through.", self._turn)
+
+    async def on_dtmf(self, digit: str) -> None:
+        self._bus.publish(CallEvent(self.call.call_sid, "dtmf", {"digit": digit}))
+        await self._interrupt("dtmf", onset_at=time.monotonic())
+        self._idle_ms = 0.0
+        action = self.config.dtmf_menu.get(digit)
+        if action is not None:
+            if action.kind == "hangup":
+                self._end_call("dtmf", self.config.goodbye)
+            elif action.kind == "transfer":
+                self._reply = self._spawn(self._transfer(), "transfer")  # type: ignore[assignment]
+            else:
+                self._reply = self._spawn(self._say(action.text, self._turn), "menu")  # type: ignore[assignment]
+            return
+        self._turn += 1
+        self.memory.add_user(f"(The caller pressed {digit} on the keypad.)")
+        now = time.monotonic()
+        timing = TurnTiming(now, now, stt_ms=0.0, transcript_at=now)
+        self._reply = self._spawn(self._respond(timing, self._turn), "reply")  # type: ignore[assignment]
+
+    # Turn-taking ---------------------------------------------------------------------------
+    @property
+    def bot_active(self) -> bool:
+        return self._sink.busy or (self._reply is not None and not self._reply.done())
+
+    async def _act(self, actions: list[Action]) -> None:
+        """Carry out what turn-taking decided (see `pipeline.turn_taking`)."""
+        for action in actions:
+            if isinstance(action, SpeechBegan):
+                self._cancel_prepared()
+                await self._interrupt("speech", onset_at=action.onset_at)
+            elif isinstance(action, Analyze):
+                self._analyze(action)
+            elif isinstance(action, Discard):
+                self._drop_speculative()
+                self._cancel_prepared()
+            elif isinstance(action, Transcribe):
+                self._spawn(self._partial(action), "partial")
+            elif isinstance(action, PauseBot):
+                await self._pause_bot(action)
+            elif isinstance(action, Prepare):
+                self._prepare(action.text)
+            elif isinstance(action, TurnEnded):
+                self._turn_ended(action)
+
+    def _analyze(self, action: Analyze) -> None:
+        """A pause: transcribe what was said so far and ask the end-of-turn model about it."""
+        self._start_speculative(action.audio)
+        assert self._speculative is not None
+        self._spawn(self._deliver_transcript(self._speculative, action.pause_id), "words")
+        model = self._engines.turn_model
+        if model is not None and self.turns.smart:
+            self._spawn(self._deliver_probability(action.audio, action.pause_id), "eou")
+
+    async def _deliver_transcript(self, stt: asyncio.Task[tuple[str, float]], pause_id: int
+                                  ) -> None:
+        await asyncio.wait({stt})
+        if stt.cancelled() or stt.exception() is not None:
+            return  # dropped (the caller went on) or failed: the turn's end handles it
+        text, _ = stt.result()
+        await self._act(self.turns.on_transcript(text, time.monotonic(), pause_id))
+
+    async def _deliver_probability(self, audio: np.ndarray, pause_id: int) -> None:
+        model = self._engines.turn_model
+        assert model is not None
+        try:
+            probability = await anyio.to_thread.run_sync(model.predict, audio)
+        except Exception as exc:  # an ONNX failure must not end the call: the words decide
+            log.warning("end-of-turn model failed call_sid=%s: %s", self.call.call_sid, exc)
+            return
+        await self._act(self.turns.on_probability(probability, time.monotonic(), pause_id))
+
+    async def _partial(self, action: Transcribe) -> None:
+        """A quick transcript of a sound over the bot: words, or a backchannel?"""
+        stt = self._engines.stt
+        quick = getattr(stt, "transcribe_partial", stt.transcribe)
+        try:
+            text = await anyio.to_thread.run_sync(quick, action.audio,
+                                                  limiter=self._engines.stt_limiter)
+        except EngineError as exc:
+            log.warning("partial stt failed call_sid=%s: %s", self.call.call_sid, exc)
+            return
+        await self._act(self.turns.on_partial(text, time.monotonic(), action.utterance_id))
+
+    async def _pause_bot(self, action: PauseBot) -> None:
+        """A possible interruption: stop the sound now (`clear`), keep the reply until its
+        words say whether it was one."""
+        if await self._sink.pause():
+            self.echo_guard.drop_unplayed()
+            self._paused = (action.onset_at, time.monotonic())
+            log.info("bot paused call_sid=%s clear_after_ms=%.0f voiced_ms=%.0f partial=%r",
+                     self.call.call_sid, (self._paused[1] - action.onset_at) * 1000,
+                     action.voiced_ms, action.partial)
+
+    def _resume_bot(self, kind: str, last_voice_at: float) -> None:
+        """The sound that paused the bot was no words: go on where the caller stopped hearing."""
+        paused, self._paused = self._paused, None
+        if self._sink.paused is None or paused is None:
+            return
+        self._sink.resume()
+        now = time.monotonic()
+        self.barge_ins += 1
+        detail = {"cause": "speech", "class": "false_interruption", "heard_as": kind,
+                  "clear_ms": round((paused[1] - paused[0]) * 1000, 1),
+                  "resume_ms": round((now - last_voice_at) * 1000, 1)}
+        log.info("bot resumed call_sid=%s %s", self.call.call_sid, detail)
+        self._bus.publish(CallEvent(self.call.call_sid, "barge_in", detail))
+
+    def _turn_ended(self, action: TurnEnded) -> None:
+        speech, decision = action.speech, action.decision
+        detail: dict[str, object] = {
+            "turn": self._turn + 1 if speech.worth_transcribing else None,
+            "eou_delay_ms": round((speech.ended_at - speech.last_voice_at) * 1000, 1),
+            "reason": decision.reason, "budget_ms": decision.budget_ms,
+            "probability": None if decision.probability is None else round(
+                decision.probability, 3),
+            "cue": decision.cue, "expecting": self.turns.detector.expecting,
+            "during_bot": action.during_bot,
+        }
+        if action.interjection is not None:
+            detail["interjection"] = action.interjection
+        self._bus.publish(CallEvent(self.call.call_sid, "turn_end", detail))
+        if action.interjection is not None:
+            # A backchannel or a noise over the bot: it goes on (or resumes); no reply.
+            if action.paused_bot:
+                self._resume_bot(action.interjection, speech.last_voice_at)
+            else:
+                self._bus.publish(CallEvent(self.call.call_sid, "backchannel", {
+                    "class": action.interjection, "text": decision.transcript}))
+            self._on_speech_ended(speech, may_reply=False, during_bot=True)
+            return
+        self._on_speech_ended(speech, during_bot=action.during_bot)
+
+    def _prepare(self, text: str) -> None:
+        """Start the reply to `text` now; it speaks only if the turn ends with these words."""
+        if self._ending or self.bot_active or (not self.config.llm_tools and detect_intent(text)):
+            return
+        self._cancel_prepared()
+        memory = copy.deepcopy(self.memory)
+        memory.add_user(text)
+        timing = TurnTiming(last_voice_at=0.0, ended_at=0.0)
+        gate = asyncio.Event()
+        turn = self._turn + 1
+        task = self._spawn(self._respond(timing, turn, messages=memory.messages(), gate=gate),
+                           "prepared")
+        self._prepared = _Prepared(text, turn, task, gate, timing)  # type: ignore[arg-type]
+
+    def _cancel_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and not prepared.gate.is_set():
+            prepared.task.cancel()
+
+    async def _interrupt(self, cause: str, onset_at: float) -> None:
+        """Stop the bot: `clear` what is playing, cancel the reply being made."""
+        reply, self._reply = self._reply, None
+        paused, self._paused = self._paused, None
+        cleared = await self._sink.clear()
+        if cleared:
+            self.echo_guard.drop_unplayed()
+        latency_ms = (time.monotonic() - onset_at) * 1000
+        if paused is not None:
+            # The bot was paused when this sound began: that `clear` was the barge-in.
+            cause, latency_ms = "speech", (paused[1] - paused[0]) * 1000
+        if reply is not None and not reply.done():
+            reply.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reply
+        if cleared:
+            self.barge_ins += 1
+            log.info("barge-in call_sid=%s cause=%s clear_after_ms=%.0f",
+                     self.call.call_sid, cause, latency_ms)
+            self._bus.publish(
+                CallEvent(self.call.call_sid, "barge_in",
+                          {"cause": cause, "clear_ms": round(latency_ms, 1),
+                           "class": "interruption"})
+            )
+
+    def _transcribe_task(self, audio: np.ndarray) -> asyncio.Task[tuple[str, float]]:
+        async def run() -> tuple[str, float]:
+            start = time.monotonic()
+            text = await anyio.to_thread.run_sync(
+                self._engines.stt.transcribe, audio, limiter=self._engines.stt_limiter
+            )
+            elapsed = (time.monotonic() - start) * 1000
+            log.debug("stt call_sid=%s audio_s=%.2f took_ms=%.0f text=%r",
+                      self.call.call_sid, audio.size / 16000, elapsed, text)
+            return text, elapsed
+
+        return self._spawn(run(), "stt")  # type: ignore[return-value]
+
+    def _start_speculative(self, audio: np.ndarray) -> None:
+        self._drop_speculative()
+        self._speculative = self._transcribe_task(audio)
+
+    def _drop_speculative(self) -> None:
+        if self._speculative is not None:
+            self._speculative.cancel()
+            self._speculative = None
+
+    def _on_speech_ended(self, event: SpeechEnded, may_reply: bool = True,
+                         during_bot: bool = False) -> None:
+        speculative, self._speculative = self._speculative, None
+        if not event.worth_transcribing:
+            if speculative is not None:
+                speculative.cancel()
+            self._cancel_prepared()
+            return
+        self._turn += 1
+        stt = speculative or self._transcribe_task(event.audio)
+        timing = TurnTiming(last_voice_at=event.last_voice_at, ended_at=event.ended_at)
+        started = self._wall(event.started_at)
+        # Transcription is not part of the reply task: a barge-in cancels the reply, never the
+        # caller's words, which always reach the transcript and the history.
+        self._spawn(self._transcribe_then_reply(stt, timing, started, self._turn, may_reply,
+                                                during_bot), "listen")
+
+    async def _transcribe_then_reply(
+        self, stt: asyncio.Task[tuple[str, float]], timing: TurnTiming, started: datetime, turn: int,
+        may_reply: bool = True, during_bot: bool = False,
+    ) -> None:
+        try:
+            with anyio.fail_after(self.config.stt_timeout_s):
+                text, timing.stt_ms = await stt
+        except (EngineError, TimeoutError) as exc:
+            stt.cancel()
+            await self._fail(turn, "stt", exc)
+            return
+        timing.transcript_at = time.monotonic()
+        # Said over the bot and no words for it to answer ("mm-hmm", a cough): the bot goes
+        # on (or resumes), and the history keeps only what the conversation is made of.
+        kind = self.turns.interjection(text) if during_bot else "words"
+        interjection = kind != "words"
+        if interjection and may_reply:
+            may_reply = False
+            if self._paused is not None:
+                self._resume_bot(kind, timing.last_voice_at)
+        if not text.strip() or kind in ("noise", "echo"):
+            log.info("no words in utterance call_sid=%s turn=%d", self.call.call_sid, turn)
+            return
+        if self._paused is not None and not interjection and may_reply:
+            # The sound that paused the bot was words: that reply is over. Its heard part goes
+            # into the history before the caller's words, in the order they were spoken.
+            await self._interrupt("speech", onset_at=time.monotonic())
+        log.info("caller call_sid=%s turn=%d text=%r", self.call.call_sid, turn, text)
+        self._bus.publish(
+            UtteranceDone(self.call.call_sid, turn, "caller", text, started,
+                          self._wall(timing.last_voice_at))
+        )
+        if not interjection:
+            self.memory.add_user(text)
+        if not may_reply:
+            log.info("kept without reply (bot was speaking) call_sid=%s turn=%d",
+                     self.call.call_sid, turn)
+            return
+        if turn != self._turn or self.listener.confirmed:
+            # The caller has gone on talking: answer once, after their next pause, with this
+            # utterance and the next one together in the history.
+            return
+        self._idle_ms = 0.0
+        self._reprompted = False
+        prepared, self._prepared = self._prepared, None
+        await self._interrupt("new_turn", onset_at=time.monotonic())
+        if prepared is not None and prepared.text == text and prepared.turn == turn \
+                and not prepared.task.done():
+            # The reply started at the pause is for exactly these words: let it speak.
+            prepared.timing.last_voice_at = timing.last_voice_at
+            prepared.timing.ended_at = timing.ended_at
+            prepared.timing.stt_ms = timing.stt_ms
+            prepared.timing.transcript_at = timing.transcript_at
+            self._reply = prepared.task
+            prepared.gate.set()
+            return
+        if prepared is not None:
+            prepared.task.cancel()
+        intent: Intent | None = None if self.config.llm_tools else detect_intent(text)
+        if intent == "transfer":
+            self._reply = self._spawn(self._transfer(), "transfer")  # type: ignore[assignment]
+            return
+        self._reply = self._spawn(self._respond(timing, turn, then=intent), "reply")  # type: ignore[assignment]
+
+    # Speaking ------------------------------------------------------------------------------
+    async def _respond(self, timing: TurnTiming, turn: int, then: Intent | None = None,
+                       messages: list[ChatMessage] | None = None,
+                       gate: asyncio.Event | None = None) -> None:
+        messages = messages if messages is not None else self.memory.messages()
+        sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        generated: list[str] = []
+        tools: list[ToolRequest] = []
+
+        async def think() -> None:
+            # The first segment is cut short (at a comma, or a long clause at a word break):
+            # it is what the caller waits for, and TTS time grows with its length.
+            splitter = SentenceSplitter(soft_chars=FIRST_SEGMENT_SOFT_CHARS,
+                                        max_chars=FIRST_SEGMENT_MAX_CHARS)
+            timing.llm_start = time.monotonic()
+            try:
+                async for delta in self._engines.llm.stream(messages):
+                    if isinstance(delta, ToolRequest):
+                        tools.append(delta)
+                        continue
+                    if timing.first_token_at is None:
+                        timing.first_token_at = time.monotonic()
+                    generated.append(delta)
+                    for sentence in splitter.feed(delta):
+                        if timing.first_sentence_at is None:
+                            timing.first_sentence_at = time.monotonic()
+                            splitter.soft_chars, splitter.max_chars = 60, 220
+                        sentences.put_nowait(sentence)
+                rest = splitter.flush()
+                if rest:
+                    if timing.first_sentence_at is None:
+                        timing.first_sentence_at = time.monotonic()
+                    sentences.put_nowait(rest)
+            finally:
+                sentences.put_nowait(None)
+
+        thinker = self._spawn(think(), "llm")
+        spoke = await self._speak_stream(sentences, thinker, timing, turn, generated,
+                                         allow_silent=True, gate=gate)
+        for request in tools:
+            log.info("llm tool call call_sid=%s %s %s", self.call.call_sid, request.name,
+                     request.arguments)
+            if request.name == "end_call":
+                goodbye = str(request.arguments.get("goodbye") or self.config.goodbye)
+                self._end_call("llm", None if spoke else goodbye)
+                return
+            if request.name == "transfer_call":
+                await self._transfer()
+                return
+        if not spoke and not tools:
+            await self._fail(turn, "llm", EngineError("llm", "empty reply"))
+            return
+        if then == "end":
+            self._end_call("caller_goodbye", None)
+
+    async def _speak_stream(
+        self,
+        sentences: asyncio.Queue[str | None],
+        thinker: asyncio.Task[object],
+        timing: TurnTiming,
+        turn: int,
+        generated: list[str],
+        allow_silent: bool = False,
+        gate: asyncio.Event | None = None,
+    ) -> bool:
+        """Speak the sentences as they come; True when anything was said.
+
+        With a `gate` (a reply prepared before the turn ended), nothing is played until it is
+        set; a reply cancelled before that leaves no trace in the transcript or the history.
+        """
+        segments: list[SpokenSegment] = []
+        started = time.monotonic()
+        interrupted = False
+        failed = False
+        try:
+            while (sentence := await sentences.get()) is not None:
+                audio, first_ms = await self._engines.speak_ulaw(sentence, self.config.tts_timeout_s)
+                if timing.tts_first_ms is None:
+                    timing.tts_first_ms = first_ms
+                if gate is not None and not gate.is_set():
+                    await gate.wait()
+                    self._count_from_release(timing)
+                segment = SpokenSegment(sentence, audio, turn)
+                self.turns.bot_says(sentence)
+                self._sink.play(segment)
+                if not segments:
+                    started = time.monotonic()
+                    await segment.first_sent.wait()
+                    self._publish_metrics(turn, timing, segment)
+                segments.append(segment)
+            await thinker  # surfaces an LLM error raised after the last sentence
+            if not segments and not allow_silent:
+                raise EngineError("llm", "empty reply")
+            await asyncio.gather(*(s.finished.wait() for s in segments))
+            return bool(segments)
+        except asyncio.CancelledError:
+            interrupted = True
+            raise
+        except (EngineError, TimeoutError) as exc:
+            failed = True
+            stage = exc.stage if isinstance(exc, EngineError) else (
+                "tts" if thinker.done() else "llm")
+            await self._fail(turn, stage, exc)
+            return True
+        finally:
+            thinker.cancel()
+            interrupted = interrupted or any(s.cleared for s in segments)
+            if gate is None or gate.is_set():
+                self._record_bot(turn, segments, "".join(generated), started, interrupted,
+                                 failed)
+
+    def _record_bot(
+        self,
+        turn: int,
+        segments: list[SpokenSegment],
+        generated: str,
+        started: float,
+        interrupted: bool,
+        failed: bool,
+    ) -> None:
+        heard = heard_text(segments)
+        self.turns.detector.expect_after(generated or heard)
+        if heard:
+            self.memory.add_assistant(heard + ("…" if interrupted else ""))
+            # Fold turns that left the window into a summary, off the audio path. Not while
+            # closing: a task started now would escape the call's cancellation.
+            if not self._closed and self.summarizer.due(self.memory):
+                self._spawn(self.summarizer.maybe_summarize(self.memory, self._engines.llm),
+                            "summary")
+        if not segments and not generated:
+            return
+        self._bus.publish(
+            UtteranceDone(
+                self.call.call_sid, turn, "bot", heard, self._wall(started),
+                self._wall(time.monotonic()), generated_text=generated.strip() or None,
+                interrupted=interrupted and not failed,
+            )
+        )
+        log.info("bot call_sid=%s turn=%d heard=%r interrupted=%s",
+                 self.call.call_sid, turn, heard, interrupted)
+
+    @staticmethod
+    def _count_from_release(timing: TurnTiming) -> None:
+        """A prepared reply was released at the end of the turn: the caller waited only for
+        what was still left to do, so its stages count from now."""
+        released = time.monotonic()
+        for name in ("llm_start", "first_token_at", "first_sentence_at"):
+            value = getattr(timing, name)
+            if value is not None and value < released:
+                setattr(timing, name, released)
+        timing.tts_first_ms = 0.0
+
+    def _publish_metrics(self, turn: int, timing: TurnTiming, first: SpokenSegment) -> None:
+        self._bus.publish(timing.metrics(self.call.call_sid, turn, first.first_sent_at))
+
+    async def _say(self, text: str, turn: int) -> None:
+        """Speak a fixed phrase (greeting, apology) and wait until it has been heard."""
+        segments: list[SpokenSegment] = []
+        started = time.monotonic()
+        interrupted = False
+        try:
+            audio, _ = await self._engines.speak_ulaw(text, self.config.tts_timeout_s)
+            segment = SpokenSegment(text, audio, turn)
+            segments.append(segment)
+            self.turns.bot_says(text)
+            self._sink.play(segment)
+            await segment.finished.wait()
+        except asyncio.CancelledError:
+            interrupted = True
+            raise
+        except (EngineError, TimeoutError) as exc:
+            log.error("could not speak call_sid=%s text=%r: %s", self.call.call_sid, text, exc)
+            self._bus.publish(CallEvent(self.call.call_sid, "error", {"stage": "tts",
+                                                                      "reason": str(exc)}))
+        finally:
+            interrupted = interrupted or any(s.cleared for s in segments)
+            self._record_bot(turn, segments, text, started, interrupted, failed=False)
+
+    async def _fail(self, turn: int, stage: str, exc: BaseException) -> None:
+        """A stage failed: log it, record it, and apologise so the caller never hears dead air."""
+        reason = str(exc) or type(exc).__name__
+        log.error("%s failed call_sid=%s turn=%d: %s", stage, self.call.call_sid, turn, reason)
+        self._bus.publish(
+            CallEvent(self.call.call_sid, "error", {"stage": stage, "reason": reason[:500]})
+        )
+        await self._say(self.config.apology, turn)

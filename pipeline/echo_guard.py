@@ -1,0 +1,258 @@
+"""Echo guard: the bot's own voice coming back on the caller's line must not be a barge-in.
+
+On a speakerphone (or a leaky handset) the caller's microphone picks up what the bot says and
+sends it back to us, delayed and quieter (typically 10–25 dB down). Silero hears speech in it,
+and a naive bot interrupts itself. We know exactly what we sent, so we cancel it:
+
+- every frame of bot audio sent (`far_end`) is laid on a "playback" timeline (audio plays in
+  order, in real time, from when it is sent or when the previous audio ends, whichever is
+  later; Twilio plays `media` in order);
+- every `refit_ms`, the delay from playback to the caller's channel is found by
+  cross-correlating the last half second of caller audio with the playback timeline, and a
+  short FIR filter (the echo path: speaker, room, microphone) is fitted there by least squares;
+- each caller frame then has the predicted echo subtracted (`process`). What is left is the
+  caller; when the frame was nearly all echo (the prediction explains it to `suppress_db`),
+  the leftover is attenuated further (like the non-linear stage of a telephone echo canceller);
+- until the first fit (the start of a call's first reply), and while the fit is poor (the
+  delay moved: network jitter, or our own backlog of inbound frames), an adaptive threshold
+  stands in: a frame quieter than the recent bot audio minus `min_erl_db` is attenuated; a
+  caller talking over the bot is louder than its echo and passes. If no echo has been found
+  after `converge_s` of bot audio, the line has none (a handset) and the threshold is lifted,
+  so a quiet caller is never muted.
+
+When the bot is silent the guard passes audio through untouched and costs nothing. It is a
+small canceller for short echo paths (a few ms of reverberation), not a full acoustic echo
+canceller; long room tails are left to the barge-in policy (`pipeline.backchannel`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RATE = 8000
+MIN_FIT_DB = 6.0  # a fitted echo path must explain at least this much of the caller's audio
+QUIET = 10 ** (-55 / 10)  # mean square below -55 dBFS: nothing to learn an echo path from
+
+
+@dataclass(slots=True)
+class EchoStats:
+    """What the guard saw on this call (for events and the benchmark)."""
+
+    frames: int = 0
+    cancelled_frames: int = 0
+    gated_frames: int = 0
+    delay_ms: float | None = None
+    correlation: float = 0.0
+    last_erle_db: float = 0.0
+
+
+class EchoGuard:
+    """Cancels the bot's own audio from one call's inbound audio (8 kHz int16 frames)."""
+
+    def __init__(
+        self,
+        max_delay_ms: int = 600,
+        early_ms: int = 250,
+        taps: int = 48,
+        fit_ms: int = 384,
+        refit_ms: int = 100,
+        min_correlation: float = 0.35,
+        suppress_db: float = 10.0,
+        min_erl_db: float = 10.0,
+        refit_below_db: float = 6.0,
+        converge_s: float = 1.5,
+        history_s: float = 3.0,
+    ) -> None:
+        self.max_delay = int(max_delay_ms * RATE / 1000)
+        # Our timeline can run ahead of the caller's (frames we receive in a burst after a
+        # stall move it on faster than their phone played): look that far "into the future".
+        self.early = int(early_ms * RATE / 1000)
+        self.taps = taps
+        self.pre = 6  # taps before the correlation peak (the path is not a pure delay)
+        self.fit = int(fit_ms * RATE / 1000)
+        self.refit = int(refit_ms * RATE / 1000)
+        self.min_correlation = min_correlation
+        self.suppress_db = suppress_db
+        self.min_erl_db = min_erl_db
+        self.refit_below_db = refit_below_db
+        self.converge = int(converge_s * RATE)
+        self._far_total = 0
+        self.size = int(history_s * RATE)
+        # Both timelines are in inbound sample indices (the caller's clock: 8000 a second from
+        # the start of the stream): `near_end` is how many inbound samples have arrived;
+        # playback positions are mapped onto the same axis by the wall time audio is sent.
+        self._ref = np.zeros(self.size, dtype=np.float32)
+        self._near = np.zeros(self.size, dtype=np.float32)
+        self.near_end = 0
+        self._near_at: float | None = None
+        self._play_end = 0  # inbound-sample index where queued bot audio stops playing
+        self._since_fit = 0
+        self._filter: np.ndarray | None = None
+        self._lag = 0
+        self.stats = EchoStats()
+
+    # Timeline ------------------------------------------------------------------------------
+    @staticmethod
+    def _index_at(at: float) -> int:
+        return round(at * RATE)
+
+    def _write(self, buffer: np.ndarray, start: int, samples: np.ndarray) -> None:
+        idx = (np.arange(start, start + samples.size)) % self.size
+        buffer[idx] = samples
+
+    def far_end(self, pcm8k: np.ndarray, at: float) -> None:
+        """Bot audio (8 kHz int16) was sent `at` seconds after the stream started.
+
+        Wall time, not "inbound frames processed so far": when we fall behind on the caller's
+        frames and catch up in a burst, the count jumps, the caller's phone does not."""
+        if pcm8k.size == 0:
+            return
+        start = max(self._index_at(at), self._play_end, self.near_end - self.size // 2)
+        # Silence between replies: clear what is left of older audio up to `start`.
+        if start > self._play_end:
+            gap_from = max(self._play_end, start - self.size)
+            self._write(self._ref, gap_from, np.zeros(start - gap_from, dtype=np.float32))
+        samples = pcm8k.astype(np.float32) / 32768.0
+        self._write(self._ref, start, samples)
+        self._far_total += pcm8k.size
+        self._play_end = start + pcm8k.size
+
+    def drop_unplayed(self) -> None:
+        """The bot's queued audio was cleared: what was not played yet will never echo."""
+        if self._play_end > self.near_end:
+            self._write(self._ref, self.near_end,
+                        np.zeros(self._play_end - self.near_end, dtype=np.float32))
+            self._play_end = self.near_end
+
+    @property
+    def bot_recent(self) -> bool:
+        """Bot audio played recently enough to still be echoing."""
+        return self._play_end + self.max_delay + self.taps > self.near_end - self.refit
+
+    def _span(self, buffer: np.ndarray, start: int, end: int) -> np.ndarray:
+        idx = np.arange(start, end) % self.size
+        return buffer[idx]
+
+    def _reference(self, start: int, end: int) -> np.ndarray:
+        """Bot audio on the timeline for [start, end); nothing past what has been queued."""
+        ref = self._span(self._ref, start, end)
+        if end > self._play_end:
+            ref[max(0, self._play_end - start):] = 0.0
+        return ref
+
+    # Cancelling ----------------------------------------------------------------------------
+    def process(self, pcm8k: np.ndarray, now: float) -> np.ndarray:
+        """One inbound frame (8 kHz int16) → the same frame with the bot's echo removed."""
+        n = pcm8k.size
+        near = pcm8k.astype(np.float32) / 32768.0
+        start = self.near_end
+        self._write(self._near, start, near)
+        self.near_end += n
+        self._near_at = now
+        self.stats.frames += 1
+        if self._play_end < start - self.size // 2:
+            self._play_end = start - self.size // 2  # keep the timeline's gap bounded
+        if not self.bot_recent:
+            return pcm8k  # the echo path stays known for the next reply
+        self._since_fit += n
+        if self._since_fit >= (self.refit if self._filter is not None else n):
+            self._since_fit = 0
+            self._refit()
+        if self._filter is None:
+            if self._far_total - (self._play_end - start) > self.converge:
+                return pcm8k  # long enough to have found an echo: there is none (a handset)
+            return self._gate_unconverged(pcm8k, near, start)
+        predicted = self._predict(start, n)
+        residual = near - predicted
+        e_near = float(np.dot(near, near)) + 1e-12
+        e_res = float(np.dot(residual, residual)) + 1e-12
+        erle = 10.0 * np.log10(e_near / e_res)
+        self.stats.last_erle_db = erle
+        if erle < self.refit_below_db and e_near > QUIET * n:
+            # Poorly explained: the delay may be moving (look again soon) and, until the
+            # fit catches up, a frame as quiet as an echo is treated as one.
+            self._since_fit = max(self._since_fit, self.refit - 2 * n)
+            gated = self._gate_unconverged(pcm8k, near, start)
+            if gated is not pcm8k:
+                return gated
+            if erle < 0.0:
+                return pcm8k  # the prediction would add sound: trust the caller
+        if erle >= self.suppress_db:
+            residual *= 0.1
+            self.stats.cancelled_frames += 1
+        return np.clip(residual * 32768.0, -32768, 32767).astype(np.int16)
+
+    def _gate_unconverged(self, pcm8k: np.ndarray, near: np.ndarray, start: int) -> np.ndarray:
+        """Before the echo path is known (the first words of a call's first reply): a frame
+        quieter than the loudest recent bot audio minus `min_erl_db` may be its echo, so it
+        is attenuated; a caller talking louder than that passes."""
+        recent = self._reference(start - self.max_delay, start + near.size)
+        frames = recent[: recent.size // near.size * near.size].reshape(-1, near.size)
+        loudest = float(np.max(np.mean(frames**2, axis=1))) if frames.size else 0.0
+        level = float(np.mean(near**2))
+        if loudest > QUIET and level < loudest * 10 ** (-self.min_erl_db / 10):
+            self.stats.gated_frames += 1
+            return (pcm8k * 0.05).astype(np.int16)
+        return pcm8k
+
+    def _matrix(self, start: int, n: int) -> np.ndarray:
+        """Reference rows for inbound samples [start, start + n): one column per tap."""
+        first = start - self._lag - (self.taps - self.pre) + 1
+        ref = self._reference(first, start + n - self._lag + self.pre)
+        windows = np.lib.stride_tricks.sliding_window_view(ref, self.taps)
+        return windows[:n]
+
+    def _predict(self, start: int, n: int) -> np.ndarray:
+        assert self._filter is not None
+        return self._matrix(start, n) @ self._filter
+
+    def _refit(self) -> None:
+        end = self.near_end
+        fit = min(self.fit, end)
+        if fit < self.fit // 2:
+            self._filter = None
+            return
+        near = self._span(self._near, end - fit, end)
+        if float(np.dot(near, near)) < QUIET * fit:
+            return  # too quiet to learn from (no echo yet, or none at all): keep what we have
+        ref = self._reference(end - fit - self.max_delay, end + self.early)
+        if float(np.dot(ref, ref)) < QUIET * fit:
+            return
+        lag, corr = _best_lag(near, ref, self.max_delay, self.early)
+        self.stats.correlation = corr
+        if corr < self.min_correlation:
+            return  # the caller is talking (or the path changed): keep the last good fit
+        previous = self._lag
+        self._lag = lag
+        matrix = self._matrix(end - fit, fit)
+        solution, *_ = np.linalg.lstsq(matrix, near, rcond=None)
+        left = near - matrix @ solution
+        if float(np.dot(left, left)) > float(np.dot(near, near)) * 10 ** (-MIN_FIT_DB / 10):
+            self._lag = previous  # explains too little to be our echo: keep the last fit
+            return
+        self.stats.delay_ms = lag * 1000 / RATE
+        self._filter = solution.astype(np.float32)
+
+
+def _best_lag(near: np.ndarray, ref: np.ndarray, max_lag: int, early: int = 0
+              ) -> tuple[int, float]:
+    """Lag (samples) at which `ref` best explains `near`, and the normalized correlation.
+
+    `ref` starts `max_lag` samples before `near` and ends `early` samples after it: lag L
+    (from -early to max_lag) pairs near[i] with ref[max_lag + i - L].
+    """
+    n = near.size
+    span = max_lag + early
+    size = 1 << int(np.ceil(np.log2(n + ref.size)))
+    spectrum = np.fft.rfft(ref, size) * np.conj(np.fft.rfft(near, size))
+    xcorr = np.fft.irfft(spectrum, size)[: span + 1]  # xcorr[k] = sum near[i] ref[i + k]
+    energy = np.cumsum(np.concatenate(([0.0], ref.astype(np.float64) ** 2)))
+    window_energy = energy[n : n + span + 1] - energy[: span + 1]
+    # Windows of the reference that are (nearly) silent cannot explain anything.
+    window_energy = np.maximum(window_energy, 0.05 * float(window_energy.max()) + 1e-12)
+    norm = np.sqrt(window_energy * float(np.dot(near, near))) + 1e-12
+    score = np.abs(xcorr) / norm
+    k = int(np.argmax(score))
+    return max_lag - k, float(score[k])

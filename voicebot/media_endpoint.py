@@ -1,0 +1,50 @@
+"""Serving one Media Streams WebSocket: admission, then a `TwilioStream` until it ends.
+
+Shared by `/twilio/media` (phone calls) and `/web/media` (the browser talk page).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.websockets import WebSocket
+
+from telephony.stream import ConversationFactory, TwilioStream
+from voicebot.limits import stream_limits
+from voicebot.services import Services
+
+log = logging.getLogger(__name__)
+
+
+async def serve_media_stream(
+    websocket: WebSocket,
+    factory: ConversationFactory | None = None,
+    *,
+    default_direction: str = "inbound",
+) -> None:
+    services: Services | None = getattr(websocket.app.state, "services", None)
+    if services is None or not services.ready or (
+        services.active_calls >= services.settings.max_concurrent_calls
+    ):
+        # 1013 "try again later": over capacity or still loading models.
+        log.warning("refusing %s media stream: ready=%s active=%s",
+                    default_direction, services is not None and services.ready,
+                    services.active_calls if services else "-")
+        await websocket.close(code=1013)
+        return
+    settings = services.settings
+    await websocket.accept()
+    services.active_calls += 1
+    try:
+        stream = TwilioStream(
+            websocket,
+            factory or services.new_conversation,
+            lead_ms=settings.playout_lead_ms,
+            chunk_ms=settings.playout_chunk_ms,
+            max_message_bytes=settings.max_message_bytes,
+            default_direction=default_direction,
+            **stream_limits(settings, websocket.app.state),
+        )
+        await stream.run()
+    finally:
+        services.active_calls -= 1

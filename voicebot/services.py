@@ -1,0 +1,108 @@
+"""The process-wide services, built once in the app lifespan and injected into handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from pipeline.call_control import parse_dtmf_menu
+from pipeline.call_summary import CallerMemory, remote_number
+from pipeline.conversation import (
+    CallInfo,
+    Conversation,
+    ConversationConfig,
+    Engines,
+)
+from pipeline.events import EventBus
+from pipeline.listener import EndpointConfig
+from pipeline.speech import AudioSink
+from telephony.call_control import TwilioCallControl
+from telephony.rest import TwilioRest
+from voicebot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything a call needs that outlives the call."""
+
+    settings: Settings
+    engines: Engines
+    bus: EventBus = field(default_factory=EventBus)
+    caller_memory: CallerMemory | None = None
+    twilio_rest: TwilioRest | None = None
+    active_calls: int = 0
+    ready: bool = False
+
+    def conversation_config(self) -> ConversationConfig:
+        s = self.settings
+        return ConversationConfig(
+            greeting=s.greeting,
+            system_prompt=s.system_prompt,
+            apology=s.apology,
+            endpoint=EndpointConfig(
+                threshold=s.vad_threshold,
+                silence_ms=s.endpoint_silence_ms,
+                speculative_ms=s.speculative_stt_ms,
+                confirm_ms=s.barge_in_min_speech_ms,
+            ),
+            history_turns=s.history_turns,
+            summary_max_chars=s.summary_max_chars,
+            stt_timeout_s=s.stt_timeout_s,
+            tts_timeout_s=s.tts_timeout_s,
+            llm_timeout_s=s.llm_timeout_s,
+            goodbye=s.goodbye,
+            transfer_message=s.transfer_message,
+            reprompt=s.reprompt,
+            idle_reprompt_s=s.idle_reprompt_s,
+            idle_hangup_s=s.idle_hangup_s,
+            transfer_number=s.transfer_number,
+            dtmf_menu=parse_dtmf_menu(s.dtmf_menu),
+            llm_tools=bool(getattr(self.engines.llm, "tools", None)),
+        )
+
+    async def new_conversation(
+        self,
+        call: CallInfo,
+        sink: AudioSink,
+        end_stream: Callable[[str], Awaitable[None]] | None = None,
+    ) -> Conversation:
+        context = None
+        if self.caller_memory is not None:
+            # What we remember of this caller from earlier calls (time-bounded, never raises).
+            context = await self.caller_memory.context_for(
+                remote_number(call.direction, call.from_number, call.to_number))
+        control = None
+        if end_stream is not None:
+            control = TwilioCallControl(call.call_sid, end_stream, self.twilio_rest)
+        return Conversation(call, self.engines, sink, self.bus, self.conversation_config(),
+                            caller_context=context, control=control)
+
+    async def warm_up(self) -> None:
+        """Synthesize the fixed phrases once, so the greeting leaves within milliseconds of
+        `start` and the apology plays even when TTS is what failed."""
+        for phrase in (self.settings.greeting, self.settings.apology):
+            if phrase:
+                await self.engines.warm_phrase(phrase)
+
+
+def load_engines(settings: Settings) -> Engines:
+    """Load the configured engines (blocking: call from a worker thread)."""
+    from pipeline.factory import build_llm, build_stt, build_tts, build_vad_factory, timed
+
+    with timed("stt"):
+        stt = build_stt(settings)
+    with timed("llm"):
+        llm = build_llm(settings)
+        warm = getattr(llm, "warm_up", None)
+        if warm is not None:
+            warm(settings.system_prompt)  # the first reply must not pay llama.cpp's cold start
+    with timed("tts"):
+        tts = build_tts(settings)
+    with timed("vad"):
+        vad = build_vad_factory(settings)
+    return Engines(stt=stt, llm=llm, tts=tts, vad=vad, stt_limiter=anyio.CapacityLimiter(1))

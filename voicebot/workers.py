@@ -1,0 +1,273 @@
+"""Running the server: one or N uvicorn worker processes, and draining them on SIGTERM.
+
+`voicebot serve --workers N` starts N processes that share one listening socket (the kernel
+spreads connections over them). Each worker builds its own app from the environment
+(`create_app_from_env`); what calls share lives in Redis when `REDIS_URL` is set (admission
+leases, the live viewer feed, caller memory). Metrics from all workers are merged through
+`PROMETHEUS_MULTIPROC_DIR` (see `voicebot.metrics`).
+
+Draining. Uvicorn's own shutdown closes every open WebSocket at once (code 1012), which would
+cut calls off mid-sentence. So the first SIGTERM (or Ctrl-C) does not reach uvicorn: the
+worker stops admitting (`/readyz` answers 503, `/twilio/voice` busy TwiML, new media streams
+1013), waits until its calls have ended or `DRAIN_GRACE_S` has passed, and only then lets
+uvicorn shut down. A second Ctrl-C leaves at once. The supervisor forwards SIGTERM to every
+worker and exits when they all have; it restarts a worker that dies on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+
+log = logging.getLogger(__name__)
+
+FACTORY = "voicebot.workers:create_app_from_env"
+LISTEN_HOST_ENV = "VOICEBOT_LISTEN_HOST"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+
+
+def create_app_from_env() -> Any:
+    """The app factory uvicorn calls in every worker (`factory=True`): settings from the
+    environment, the listening host from `VOICEBOT_LISTEN_HOST` (the viewer asks for a login
+    off loopback)."""
+    from voicebot.app import create_app
+    from voicebot.settings import load_settings
+
+    app = create_app(load_settings())
+    app.state.listen_host = os.environ.get(LISTEN_HOST_ENV, "127.0.0.1")
+    return app
+
+
+def find_admission(app: Any) -> Any:
+    """`app.state.admission` of the Starlette app inside uvicorn's middleware wrappers."""
+    for _ in range(16):
+        state = getattr(app, "state", None)
+        admission = getattr(state, "admission", None) if state is not None else None
+        if admission is not None:
+            return admission
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return None
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first exit signal drains calls before shutting down."""
+
+    def __init__(self, config: uvicorn.Config, grace_s: float = 30.0) -> None:
+        super().__init__(config)
+        self.grace_s = grace_s
+        self.drain_requested = False
+        self._deadline: float | None = None
+        self._admission: Any = None
+        self._next_report = 0.0
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            super().handle_exit(sig, frame)  # already shutting down: uvicorn's own rules
+        elif not self.drain_requested:
+            self.drain_requested = True  # acted on by the next tick, on the event loop
+        elif sig == signal.SIGINT:
+            log.warning("second interrupt: leaving without waiting for calls")
+            self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_requested and not self.should_exit:
+            self._drain_step()
+        return await super().on_tick(counter)
+
+    def _drain_step(self) -> None:
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self.grace_s
+            self._admission = find_admission(self.config.loaded_app)
+            if self._admission is not None:
+                self._admission.begin_drain()
+            log.info("draining: up to %.0f s for calls in progress to end", self.grace_s)
+        active = self._admission.local_active if self._admission is not None else 0
+        if active == 0:
+            log.info("drained: no call in progress; shutting down")
+            self.should_exit = True
+        elif now >= self._deadline:
+            log.warning("drain grace of %.0f s is over; ending %d call(s)", self.grace_s, active)
+            self.should_exit = True
+        elif now >= self._next_report:
+            self._next_report = now + 5.0
+            log.info("draining: %d call(s) in progress, %.0f s left", active,
+                     self._deadline - now)
+
+
+def _run_worker(config: uvicorn.Config, sockets: list[socket.socket], grace_s: float,
+                log_level: str) -> None:
+    """A worker process: its own logging, then the draining server on the shared socket."""
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    try:
+        DrainingServer(config, grace_s).run(sockets=sockets)
+    except SystemExit:
+        raise
+    except Exception:
+        log.exception("worker failed")  # the supervisor starts another
+        sys.exit(1)
+
+
+class Supervisor:
+    """Keeps N worker processes running; on SIGTERM/SIGINT forwards it and waits for them."""
+
+    def __init__(self, config: uvicorn.Config, workers: int, grace_s: float, log_level: str):
+        self.config = config
+        self.workers = workers
+        self.grace_s = grace_s
+        self.log_level = log_level
+        self._context = multiprocessing.get_context("spawn")
+        self._stop_signals: list[int] = []
+        self._processes: list[Any] = []
+
+    def _spawn(self, sock: socket.socket) -> Any:
+        process = self._context.Process(
+            target=_run_worker, args=(self.config, [sock], self.grace_s, self.log_level),
+            name="voicebot-worker",
+        )
+        process.start()
+        log.info("started worker %d", process.pid)
+        return process
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self._stop_signals.append(sig)
+
+    def run(self) -> int:
+        sock = self.config.bind_socket()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self._processes = [self._spawn(sock) for _ in range(self.workers)]
+        forwarded = 0
+        rc = 0
+        restarts: list[float] = []
+        reaped: set[int] = set()
+        while True:
+            time.sleep(0.2)
+            if len(self._stop_signals) > forwarded:
+                sig = self._stop_signals[forwarded]
+                forwarded += 1
+                log.info("received %s: workers drain and stop", signal.Signals(sig).name)
+                for process in self._processes:
+                    if process.is_alive():
+                        os.kill(process.pid, sig)
+            stopping = forwarded > 0
+            for index, process in enumerate(self._processes):
+                if process.exitcode is None or process.pid in reaped:
+                    continue  # running, or already dealt with
+                reaped.add(process.pid)
+                _mark_dead(process.pid)
+                if stopping:
+                    continue
+                if process.exitcode == STARTUP_FAILURE:
+                    log.error("worker %d failed to start; stopping", process.pid)
+                    self._stop_signals.append(signal.SIGTERM)
+                    rc = 1
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                if len(restarts) > 5 * self.workers:
+                    log.error("workers keep dying; stopping")
+                    self._stop_signals.append(signal.SIGTERM)
+                    rc = 1
+                    continue
+                log.warning("worker %d died (exit %s); starting another", process.pid,
+                            process.exitcode)
+                self._processes[index] = self._spawn(sock)
+            if stopping and not any(p.is_alive() for p in self._processes):
+                break
+        for process in self._processes:
+            process.join(timeout=1)
+        sock.close()
+        log.info("all workers stopped")
+        return rc
+
+
+def _mark_dead(pid: int | None) -> None:
+    if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    grace_s: float = 30.0,
+    log_level: str = "info",
+    ws_max_size: int = 64 * 1024,
+    factory: str = FACTORY,
+    redis_url: str | None = None,
+    sqlite_url: str | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; returns the process exit code.
+
+    `sqlite_url`: the embedded SQLite database, brought to the newest schema here, once,
+    before several workers start (each worker's start-up would otherwise race to create the
+    same tables)."""
+    if workers > 1 and sqlite_url:
+        from db.migrate import upgrade_to_head
+
+        upgrade_to_head(sqlite_url)
+    if workers > 1 and not redis_url:
+        log.warning("%d workers without REDIS_URL: MAX_CONCURRENT_CALLS holds per worker and "
+                    "the viewer shows each worker's own calls; set REDIS_URL to share them",
+                    workers)
+    os.environ[LISTEN_HOST_ENV] = host
+    metrics_dir: str | None = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="voicebot-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    config = uvicorn.Config(
+        factory, factory=True, host=host, port=port, workers=workers,
+        log_level=log_level.lower(), ws_max_size=ws_max_size, proxy_headers=False,
+        lifespan="on", timeout_graceful_shutdown=5,
+    )
+    try:
+        if workers <= 1:
+            DrainingServer(config, grace_s).run()
+            return 0
+        return Supervisor(config, workers, grace_s, log_level).run()
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m voicebot.workers`: what `voicebot serve` runs (also used by tests)."""
+    from voicebot.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="voicebot-serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--factory", default=FACTORY, help="module:function building the app")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    return serve(host=args.host, port=args.port, workers=max(1, args.workers),
+                 grace_s=float(getattr(settings, "drain_grace_s", 30.0)),
+                 log_level=settings.log_level, ws_max_size=settings.max_message_bytes,
+                 factory=args.factory, redis_url=settings.redis_url,
+                 sqlite_url=settings.database_url if settings.sqlite_path else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

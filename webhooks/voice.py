@@ -1,0 +1,50 @@
+"""`POST /twilio/voice`: the TwiML that connects a call to our bidirectional Media Stream.
+
+Twilio's `<Connect><Stream>` requires a `wss://` URL with no query string; custom values go in
+`<Parameter>` elements and come back in the stream's `start.customParameters`.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import Response
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+MEDIA_PATH = "/twilio/media"
+
+
+def public_host(request: Request, public_url: str | None) -> str:
+    """The host Twilio reaches us on: PUBLIC_URL's, else the request's Host header."""
+    if public_url:
+        return urlsplit(public_url).netloc
+    return request.headers.get("host") or request.url.netloc
+
+
+def stream_twiml(host: str, parameters: dict[str, str]) -> str:
+    """TwiML that connects the call to `wss://<host>/twilio/media` with `parameters`."""
+    response = VoiceResponse()
+    connect = Connect()
+    # Stream status callbacks (start, stop, error) come back to /twilio/stream-status.
+    stream = connect.stream(url=f"wss://{host}{MEDIA_PATH}",
+                            status_callback=f"https://{host}/twilio/stream-status",
+                            status_callback_method="POST")
+    for name, value in parameters.items():
+        if value:
+            stream.parameter(name=name, value=value)
+    response.append(connect)
+    return str(response)
+
+
+async def voice(request: Request) -> Response:
+    settings = request.app.state.services.settings
+    form = await request.form() if request.method == "POST" else request.query_params
+    direction = str(form.get("Direction") or "inbound")
+    parameters = {
+        "from": str(form.get("From") or ""),
+        "to": str(form.get("To") or ""),
+        "direction": "outbound" if direction.startswith("outbound") else "inbound",
+    }
+    body = stream_twiml(public_host(request, settings.public_url), parameters)
+    return Response(body, media_type="application/xml")
