@@ -3,7 +3,8 @@
 #
 # Same setup as ./run.sh plus the `dev` extra; makes sure PostgreSQL (127.0.0.1:5432) and
 # Redis (127.0.0.1:6379) answer, installing and starting them when they do not (and stopping
-# at the end only the ones it started); installs Debian's chromium for the browser tests.
+# at the end only the ones it started); installs Debian's chromium for the browser tests and
+# nginx for the two-servers deployment test.
 # Then `ruff check .` and pytest (every test, slow ones included). Exits with pytest's code,
 # or 1 when pytest passed but ruff found problems.
 set -euo pipefail
@@ -22,6 +23,8 @@ if [[ ! -x "$VOICEBOT_CHROMIUM" ]]; then
     vb_apt_install chromium
     VOICEBOT_CHROMIUM=/usr/bin/chromium
 fi
+# The two-servers deployment test puts nginx (Debian's) in front of two `voicebot serve`s.
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || vb_apt_install nginx
 
 trap vb_services_stop EXIT
 trap 'exit 130' INT

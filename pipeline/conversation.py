@@ -23,7 +23,7 @@ import contextlib
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import anyio
@@ -50,7 +50,7 @@ from pipeline.listener import Listener, SpeechEnded
 from pipeline.memory import ConversationMemory, RollingSummarizer
 from pipeline.resume import ResumableSink
 from pipeline.sentences import SentenceSplitter
-from pipeline.speech import AudioSink, SpokenSegment, heard_text
+from pipeline.speech import AudioSink, PeerGone, SpokenSegment, heard_text
 from pipeline.turn_detector import TurnDetector
 from pipeline.turn_taking import (
     Action,
@@ -130,11 +130,23 @@ class Conversation:
     def _wall(self, mono: float) -> datetime:
         return self._wall0 + timedelta(seconds=mono - self._mono0)
 
-    def _spawn(self, coro: object, name: str) -> asyncio.Task[object]:
+    def _spawn(self, coro: object, name: str, awaited: bool = False) -> asyncio.Task[object]:
+        """Run `coro` as a task this call owns (cancelled on hang-up). `awaited`: its result
+        and failure are read by another task, so a failure is not reported here."""
         task = asyncio.create_task(coro, name=f"{name}:{self.call.call_sid}")  # type: ignore[arg-type]
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._tasks.discard if awaited else self._reap)
         return task
+
+    def _reap(self, task: asyncio.Task[object]) -> None:
+        """A task of this call finished: forget it, and never leave its failure unread."""
+        self._tasks.discard(task)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if isinstance(exc, PeerGone):  # the caller is gone: the transport ends the call
+            log.info("%s stopped: the caller is gone (%s)", task.get_name(), type(exc).__name__)
+        else:
+            log.error("%s failed", task.get_name(), exc_info=exc)
 
     async def begin(self) -> None:
         """The call is connected: announce it and speak the greeting at once."""
@@ -414,7 +426,7 @@ class Conversation:
                       self.call.call_sid, audio.size / 16000, elapsed, text)
             return text, elapsed
 
-        return self._spawn(run(), "stt")  # type: ignore[return-value]
+        return self._spawn(run(), "stt", awaited=True)  # type: ignore[return-value]
 
     def _start_speculative(self, audio: np.ndarray) -> None:
         self._drop_speculative()
@@ -542,7 +554,7 @@ class Conversation:
             finally:
                 sentences.put_nowait(None)
 
-        thinker = self._spawn(think(), "llm")
+        thinker = self._spawn(think(), "llm", awaited=True)
         spoke = await self._speak_stream(sentences, thinker, timing, turn, generated,
                                          allow_silent=True, gate=gate)
         for request in tools:
@@ -659,7 +671,20 @@ class Conversation:
         timing.tts_first_ms = 0.0
 
     def _publish_metrics(self, turn: int, timing: TurnTiming, first: SpokenSegment) -> None:
-        self._bus.publish(timing.metrics(self.call.call_sid, turn, first.first_sent_at))
+        """The turn's latency parts, once the caller has heard the start of the reply (the
+        first mark echo, usually a chunk's length later) so V2V as heard is among them."""
+        metrics = timing.metrics(self.call.call_sid, turn, first.first_sent_at)
+
+        async def when_heard() -> None:
+            try:
+                await first.first_heard.wait()
+            finally:  # also when the call ends first: the other parts are known already
+                heard = None
+                if first.first_played_at is not None and timing.last_voice_at is not None:
+                    heard = round((first.first_played_at - timing.last_voice_at) * 1000, 1)
+                self._bus.publish(replace(metrics, heard_v2v_ms=heard))
+
+        self._spawn(when_heard(), "metrics")
 
     async def _say(self, text: str, turn: int) -> None:
         """Speak a fixed phrase (greeting, apology) and wait until it has been heard."""

@@ -13,6 +13,10 @@ log = logging.getLogger(__name__)
 
 
 def build_stt(settings: Settings) -> SpeechToText:
+    if settings.stt_provider == "openai":
+        from pipeline.stt_openai import OpenAiStt
+
+        return OpenAiStt.from_settings(settings)
     from pipeline.stt import WhisperStt
 
     return WhisperStt(settings.stt_model, threads=settings.stt_threads)

@@ -25,8 +25,12 @@ class SpokenSegment:
     sent_bytes: int = 0
     played_bytes: int = 0
     first_sent_at: float | None = None
+    # When the caller's ear got the first audio: the first mark echo less the audio it covers
+    # (not before it was sent). `first_heard` is also set when the segment ends unheard.
+    first_played_at: float | None = None
     cleared: bool = False
     first_sent: asyncio.Event = field(default_factory=asyncio.Event)
+    first_heard: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -48,13 +52,19 @@ class SpokenSegment:
         self.sent_bytes += nbytes
 
     def mark_played(self, upto: int) -> None:
+        if self.first_played_at is None and upto > 0:
+            started = time.monotonic() - upto / ULAW_BYTES_PER_MS / 1000
+            self.first_played_at = max(started, self.first_sent_at or started)
+            self.first_heard.set()
         self.played_bytes = max(self.played_bytes, upto)
         if self.fully_played:
             self.finished.set()
+            self.first_heard.set()
 
     def mark_cleared(self) -> None:
         self.cleared = True
         self.finished.set()
+        self.first_heard.set()
         self.first_sent.set()  # nobody waits forever for audio that will never go out
 
     def heard_text(self) -> str:
@@ -71,9 +81,17 @@ class SpokenSegment:
         return prefix.strip()
 
 
+class PeerGone(Exception):
+    """The far end of an `AudioSink` is gone (hung up, socket dropped, stopped reading).
+
+    Sinks raise a subclass from `clear` (and transports from their sends). Work that runs for
+    a call treats it as the call ending, not as a failure: the transport ends the call."""
+
+
 class AudioSink(Protocol):
     """Where bot speech goes: the transport plays segments in order and reports what was
-    heard (it calls `segment.mark_played`)."""
+    heard (it calls `segment.mark_played`). `clear` raises `PeerGone` when the far end has
+    gone away."""
 
     def play(self, segment: SpokenSegment) -> None:
         """Queue a segment; never blocks."""

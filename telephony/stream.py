@@ -28,6 +28,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 
 from media.mulaw import ulaw_to_pcm16
 from pipeline.conversation import CallInfo, Conversation
+from pipeline.speech import PeerGone
 from telephony.messages import (
     Connected,
     Dtmf,
@@ -86,13 +87,20 @@ CLOSE_TIMEOUT_S = 5.0
 # that call control ended (`bot_hangup`, `transfer`) must not be hung up again.
 LIMIT_REASONS = frozenset({"max_duration", "send_timeout"})
 
+# Sample the inbound frame lag once a second per call (Twilio sends a frame every 20 ms).
+LAG_SAMPLE_EVERY = 50
 
-class SendTimeout(Exception):
+
+class SendTimeout(PeerGone):
     """A send to the peer did not complete within `timeout_s`: it has stopped reading."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         super().__init__(f"send did not complete within {timeout_s:g} s")
+
+
+class PeerDisconnected(WebSocketDisconnect, PeerGone):
+    """A send found the socket closed by the peer (what a receive reports as a disconnect)."""
 
 
 class TwilioStream:
@@ -130,6 +138,10 @@ class TwilioStream:
         self._on_limit = on_limit
         self._deadline: asyncio.Timeout | None = None
         self._ending: str | None = None  # why we are ending the call ourselves
+        # Inbound frame lag: how far behind its media timestamp a frame is when processed,
+        # against this call's best frame; reported every `LAG_SAMPLE_EVERY`th frame.
+        self.on_frame_lag: Callable[[float], None] | None = None
+        self._lag_base: float | None = None
 
     def _transition(self, event: str, to: StreamState | None = None) -> None:
         if event not in _ALLOWED[self.state]:
@@ -215,6 +227,11 @@ class TwilioStream:
             self.stats.frames += 1
             assert self.conversation is not None
             await self.conversation.on_audio(ulaw_to_pcm16(event.payload))
+            if self.on_frame_lag is not None and self.stats.frames % LAG_SAMPLE_EVERY == 0:
+                offset = time.monotonic() - event.timestamp_ms / 1000
+                if self._lag_base is None or offset < self._lag_base:
+                    self._lag_base = offset
+                self.on_frame_lag(offset - self._lag_base)
         elif isinstance(event, Mark):
             self._transition("mark")
             self._check_stream(event.stream_sid)
@@ -277,8 +294,11 @@ class TwilioStream:
         except TimeoutError:
             self.end("send_timeout")
             raise SendTimeout(self._send_timeout_s or 0.0) from None
-        except WebSocketDisconnected:  # an earlier send already found the peer gone
-            raise WebSocketDisconnect(1006) from None
+        except PeerDisconnected:
+            raise
+        except (WebSocketDisconnect, WebSocketDisconnected) as exc:
+            # WebSocketDisconnected: an earlier send already found the peer gone.
+            raise PeerDisconnected(getattr(exc, "code", 1006)) from None
 
     async def _end_async(self, reason: str) -> None:
         """`end` for the conversation's call control (the bot hung up or transferred)."""

@@ -27,6 +27,7 @@ SECRET_NAME = re.compile(r"(_token|secret|password|api_key|hash_key)$")
 SECRETS = {
     "twilio_auth_token": "sekrit-twilio-9f31c7d2",
     "llm_api_key": "sk-sekrit-llm-5be0a1",
+    "stt_api_key": "sk-sekrit-stt-0a1b2c",
     "memory_hash_key": "sekrit-hash-c0ffee42",
     "ui_password": "sekrit-password-77aa",
     "ui_token": "sekrit-token-31415926",

@@ -26,9 +26,12 @@ from pipeline.call_summary import CallerMemory
 from pipeline.caller_memory import build_caller_store
 from pipeline.conversation import Engines
 from pipeline.events import CallEvent
+from pipeline.work_queue import install_work_queues
 from telephony.rest import TwilioRest
+from voicebot.admission import Admission, build_admission, voice_guard
 from voicebot.limits import BodyLimit, CallsPerAddress, signed_by_twilio
 from voicebot.media_endpoint import serve_media_stream
+from voicebot.metrics import CallMetrics, metrics_endpoint
 from voicebot.services import Services, load_engines
 from voicebot.settings import Settings, load_settings
 from web.api import api_routes
@@ -60,6 +63,9 @@ async def readyz(request: Request) -> JSONResponse:
             checks["database"] = True
         except Exception as exc:
             log.warning("readyz: database not reachable: %s", type(exc).__name__)
+    admission: Admission | None = getattr(request.app.state, "admission", None)
+    if admission is not None:
+        checks["accepting_calls"] = not admission.draining  # 503 while draining (SIGTERM)
     ready = all(checks.values())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
@@ -101,6 +107,15 @@ def create_app(
         services = Services(settings=settings, engines=loaded,
                             twilio_rest=getattr(app.state, "twilio_rest", None))
         app.state.services = services
+        # STT/TTS behind bounded work queues; admission control watches their depth.
+        queues = install_work_queues(loaded, settings.tts_concurrency)
+        admission = build_admission(settings, queues)
+        app.state.admission = admission
+        metrics = CallMetrics(admission)
+        app.state.metrics = metrics
+        services.bus.subscribe("metrics", metrics.handle)
+        await admission.start()
+        await metrics.start()
         services.bus.subscribe("db", recorder.handle)
         # Twilio's callbacks about a call become call events (stored, shown in the viewer).
         app.state.on_amd_result = lambda d: services.bus.publish(
@@ -127,6 +142,8 @@ def create_app(
         finally:
             services.ready = False
             await services.bus.stop()
+            await metrics.stop()
+            await admission.stop()
             await live.stop()
             with anyio.move_on_after(5):
                 await caller_memory.wait_idle()
@@ -142,7 +159,8 @@ def create_app(
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/twilio/voice", guard.http(voice), methods=["GET", "POST"]),
+        Route("/metrics", metrics_endpoint),
+        Route("/twilio/voice", guard.http(voice_guard(voice)), methods=["GET", "POST"]),
         WebSocketRoute("/twilio/media", guard.websocket(
             per_address.websocket(media_stream, exempt=signed_by_twilio(guard)))),
         *status_routes(wrap=guard.http),

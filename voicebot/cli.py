@@ -20,17 +20,15 @@ def _configure_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from voicebot.app import create_app
+    from voicebot.workers import serve
 
     settings = load_settings()
     _configure_logging(settings.log_level)
-    app = create_app(settings)
-    app.state.listen_host = args.host  # the viewer asks for a login off loopback
-    uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower(),
-                ws_max_size=settings.max_message_bytes, proxy_headers=False)
-    return 0
+    # N worker processes, each building the app from the environment; SIGTERM drains.
+    return serve(host=args.host, port=args.port, workers=max(1, args.workers),
+                 grace_s=settings.drain_grace_s, log_level=settings.log_level,
+                 ws_max_size=settings.max_message_bytes, redis_url=settings.redis_url,
+                 sqlite_url=settings.database_url if settings.sqlite_path else None)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -76,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes (share state through REDIS_URL)")
     serve.set_defaults(func=cmd_serve)
 
     simulate = sub.add_parser("simulate", help="play WAV files into the server as a Twilio caller")
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     from voicebot.cli_twilio import add_parsers as add_twilio_parsers
 
     add_twilio_parsers(sub)
+    from voicebot.cli_stats import add_parsers as add_stats_parsers
+
+    add_stats_parsers(sub)
     return parser
 
 

