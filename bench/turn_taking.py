@@ -138,9 +138,13 @@ class OfflineCall:
     def _schedule(self, at: float, fn: Callable[[], list]) -> None:
         heapq.heappush(self._queue, (at, next(self._seq), fn))
 
-    def _stt(self, audio: np.ndarray, now: float, deliver: Callable[[str, float], list]) -> None:
+    def _stt(self, audio: np.ndarray, now: float, deliver: Callable[[str, float], list],
+             partial: bool = False) -> None:
+        stt = self.models.stt
+        transcribe = getattr(stt, "transcribe_partial", stt.transcribe) if partial else \
+            stt.transcribe  # type: ignore[attr-defined]
         start = time.perf_counter()
-        text = self.models.stt.transcribe(audio)  # type: ignore[attr-defined]
+        text = transcribe(audio)
         took = time.perf_counter() - start if self.fixed is None else self.fixed[0] / 1000
         self.compute_ms.append(took * 1000)
         begin = max(now, self._stt_free_at)
@@ -234,7 +238,8 @@ class OfflineCall:
                 self._prepared_live = False
             elif isinstance(action, Transcribe):
                 self._stt(action.audio, now,
-                          lambda text, _g: self.turns.on_partial(text, self._now_of_queue()))
+                          lambda text, _g: self.turns.on_partial(text, self._now_of_queue()),
+                          partial=True)
             elif isinstance(action, PauseBot):
                 if self.bot is not None and self.bot.audible:
                     self.bot.paused = True

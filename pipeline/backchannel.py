@@ -12,12 +12,15 @@ within 0.5 s of the caller's first sound.
    words → interrupt now; a backchannel, a filler, only function words ("and then": Whisper's
    guess at the start of a hum) or nothing recognisable → keep talking and look again every
    `recheck_ms` of further voice.
-3. Voice that goes on for `long_ms` is an interruption whatever the words (nobody says
-   "uh-huh" for that long), unless its words so far are the bot's own (echo the canceller
-   left over); if it then turns out to hold no words, the bot resumes (a false
-   interruption, see `pipeline.resume`).
+3. Voice still going `decide_within_ms` after onset stops the bot unless its words so far are
+   a backchannel (or the bot's own echo); voice that goes on for `long_ms` (twice that while
+   its words are a backchannel: "mm-hmm, mm-hmm") stops it whatever the words, unless they
+   are the bot's own (echo the canceller left over). If such a sound then turns out to hold
+   no words, the bot resumes (a false interruption, see `pipeline.resume`).
 4. A partial transcript that does not arrive within `verdict_timeout_ms` counts as words:
-   under load, fast interruptions win over perfect backchannel handling.
+   under load, fast interruptions win over perfect backchannel handling. Partial
+   transcripts have their own queue (`Engines.partial_limiter`) and a fast path
+   (`WhisperStt.transcribe_partial`), so they do not wait behind whole utterances.
 
 When the sound ends before any of that, its final transcript decides between `backchannel`
 (kept in the transcript, no reply, no stop) and `interruption` ("Stop." is short too).
@@ -32,7 +35,7 @@ from typing import Literal
 Interjection = Literal["backchannel", "noise", "echo", "words"]
 BargeInClass = Literal["interruption", "backchannel", "noise", "echo", "false_interruption"]
 
-BACKCHANNELS = frozenset(["yeah", "yes", "yep", "yup", "ya", "yea", "ok", "okay", "k", "right", "sure", "alright", "all", "fine", "good", "great", "cool", "nice", "uh", "huh", "uh-huh", "mhm", "mm-hmm", "mmhmm", "mm", "hmm", "hm", "um", "umm", "uhm", "ah", "oh", "aha", "ahh", "ooh", "wow", "er", "erm", "i", "see", "got", "it", "gotcha", "true", "totally", "exactly", "indeed", "definitely"])
+BACKCHANNELS = frozenset(["yeah", "yes", "yep", "yup", "ya", "yea", "ok", "okay", "k", "right", "sure", "alright", "all", "fine", "good", "great", "cool", "nice", "uh", "huh", "uh-huh", "em", "emm", "eh", "mhm", "mm-hmm", "mmhmm", "mm", "hmm", "hm", "um", "umm", "uhm", "ah", "oh", "aha", "ahh", "ooh", "wow", "er", "erm", "i", "see", "got", "it", "gotcha", "true", "totally", "exactly", "indeed", "definitely"])
 # Whisper renders a closed-mouth hum ("mm-hmm") as a string of m/n/h letters.
 _HUM = re.compile(r"^[mnh]+$")
 # A partial transcript of a fraction of a second of a hum often comes out as a few function
@@ -51,6 +54,9 @@ def classify_interjection(text: str) -> Interjection:
     if not words:
         return "noise"
     if all(w in BACKCHANNELS or _HUM.match(w) for w in words) and len(words) <= 4:
+        return "backchannel"
+    # A hum that Whisper spelled out letter by letter ("M-H-N.", "M-A-A-A-"), not a word.
+    if all(len(w) == 1 for w in words) and len(words) <= 6:
         return "backchannel"
     return "words"
 
@@ -84,7 +90,7 @@ class BargeInPolicy:
     recheck_ms: int = 96  # look again after this much more voice
     long_ms: int = 704  # voice this long interrupts whatever it is
     verdict_timeout_ms: int = 120  # a partial transcript later than this counts as words
-    decide_within_ms: int = 380  # from onset: still voicing then → stop (clear ≤ 0.5 s)
+    decide_within_ms: int = 340  # from onset: still voicing then → stop (clear ≤ 0.5 s)
 
 
 @dataclass(slots=True)
@@ -107,18 +113,17 @@ class BargeInTracker:
         if self.stopped:
             return None
         p = self.policy
-        if voiced_ms >= p.long_ms and not self._echo:
+        if voiced_ms >= p.long_ms * (2 if self._backchannel else 1) and not self._echo:
             return self._stop()
-        # However slow the words are to come (a loaded machine), an interruption must not
-        # wait: voice still going this long after onset stops the bot; if it held no words,
-        # the bot resumes where the caller stopped hearing it.
+        # However slow or unsure the words are (a loaded machine, a word Whisper cannot make
+        # out yet), an interruption must not wait: voice still going this long after onset
+        # stops the bot unless its words so far are a backchannel or the bot's own echo. If
+        # it then holds no words, the bot resumes where the caller stopped hearing it.
         if (voiced_ms >= p.candidate_ms + p.recheck_ms and not self._echo
                 and (now - self.started_at) * 1000 >= p.decide_within_ms
-                and (self.words is None or self._says_words(self.words))):
+                and not self._listening):
             return self._stop()
-        if self.words is not None and self._says_words(self.words):
-            return self._stop()
-        if self.asked_when is not None and self.words is None:
+        if self.asked_when is not None:  # a partial transcript is on its way
             if (now - self.asked_when) * 1000 + 1e-6 >= p.verdict_timeout_ms:
                 return self._stop()
             return None
@@ -127,7 +132,6 @@ class BargeInTracker:
         ):
             self.asked_at_ms = voiced_ms
             self.asked_when = now
-            self.words = None
             return "transcribe"
         return None
 
@@ -139,6 +143,18 @@ class BargeInTracker:
         if self._says_words(text):
             return self._stop()
         return None
+
+    @property
+    def _backchannel(self) -> bool:
+        """The latest words were a backchannel ("yeah", "mm"): the caller is listening."""
+        return self.words is not None and classify_interjection(self.words) == "backchannel"
+
+    @property
+    def _listening(self) -> bool:
+        """The latest words were a backchannel or only function words ("and then": Whisper's
+        guess at the start of a hum): no sign of an interruption yet."""
+        return self.words is not None and (
+            self._backchannel or classify_interjection(self.words) == "words")
 
     @property
     def _echo(self) -> bool:

@@ -57,6 +57,10 @@ class Engines:
     vad: Callable[[], Vad]
     stt_limiter: anyio.CapacityLimiter
     phrase_cache: dict[str, bytes] = field(default_factory=dict)  # text → μ-law 8 kHz
+    # Quick partial transcripts (is a sound over the bot words or "uh-huh"?) have their own
+    # line: they must not queue behind whole utterances, or a barge-in waits on them.
+    partial_limiter: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(1))
     # Smart Turn (the `turn` extra), loaded once per process; None: words and silence decide.
     turn_model: SmartTurnModel | None = field(default_factory=shared_smart_turn)
 

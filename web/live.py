@@ -90,8 +90,12 @@ class LiveSubscription:
 
     async def get(self, idle_s: float) -> Message | None:
         """The next message, or None after `idle_s` seconds without one."""
+        # Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that lands as the
+        # message arrives, and the SSE stream would outlive its client. A get cut short by the
+        # timeout leaves its message in the queue.
         try:
-            message = await asyncio.wait_for(self._queue.get(), idle_s)
+            async with asyncio.timeout(idle_s):
+                message = await self._queue.get()
         except TimeoutError:
             if self._closed:
                 raise LiveClosed from None
@@ -142,8 +146,9 @@ class LiveFeed:
         if not self.redis_url or self._task is not None:
             return
         self._task = asyncio.create_task(self._relay(), name="live-feed-relay")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._first_attempt.wait(), timeout=5)
+        with contextlib.suppress(TimeoutError):  # (not `wait_for`, for the reason in `get`)
+            async with asyncio.timeout(5):
+                await self._first_attempt.wait()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -162,7 +167,8 @@ class LiveFeed:
         if self._relaying and self._redis is not None:
             try:
                 # Bounded: a stalled Redis must not stall this subscriber's queue for long.
-                await asyncio.wait_for(self._redis.publish(self.channel, json.dumps(message)), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._redis.publish(self.channel, json.dumps(message))
                 return
             except Exception as exc:
                 self._warn(f"publish failed ({type(exc).__name__})")

@@ -31,7 +31,11 @@ WATERFALL_PARTS: tuple[tuple[str, str], ...] = (
 )
 
 # Symbols that common fonts have (no emoji): the label says the same in words.
-_EVENT_ICONS = {"dtmf": "⌨", "barge_in": "✂", "error": "⚠", "status": "☎"}
+_EVENT_ICONS = {"dtmf": "⌨", "barge_in": "✂", "error": "⚠", "status": "☎", "turn_end": "⇥",
+                "backchannel": "✓", "echo": "↩", "end_call": "☎", "transfer": "⇄", "amd": "☎",
+                "stream_status": "☎"}
+# A `barge_in` or `backchannel` event's `class` (pipeline.backchannel.BargeInClass).
+_CLASS_ICONS = {"false_interruption": "↺", "noise": "~", "echo": "↩"}
 
 
 def instant(value: datetime | str | None) -> datetime | None:
@@ -124,20 +128,11 @@ def utterance_view(data: Mapping[str, Any]) -> View:
 
 
 def event_view(data: Mapping[str, Any]) -> View:
+    """A call event as a label (what happened, in words) and a detail line (the evidence)."""
     kind = str(data.get("type"))
     detail: Mapping[str, Any] = data.get("detail") or {}
-    if kind == "dtmf":
-        label = f"Caller pressed {detail.get('digit', '?')}"
-    elif kind == "barge_in":
-        label = "Caller talked over the bot"
-        if detail.get("clear_ms") is not None:
-            label += f" (audio cleared in {format_ms(float(detail['clear_ms']))})"
-    elif kind == "error":
-        label = f"Error in {detail.get('stage', '?')}: {detail.get('reason', '')}".rstrip(": ")
-    elif kind == "status":
-        label = f"Status: {detail.get('status', '?')}"
-    else:
-        label = kind.replace("_", " ").capitalize()
+    describe = _DESCRIBE.get(kind)
+    label, note = describe(detail) if describe else (kind.replace("_", " ").capitalize(), "")
     at = iso(data.get("at"))
     return {
         "kind": "event",
@@ -145,10 +140,219 @@ def event_view(data: Mapping[str, Any]) -> View:
         "at": at,
         "time": clock(at),
         "type": kind,
-        "icon": _EVENT_ICONS.get(kind, "•"),
+        "icon": _CLASS_ICONS.get(str(detail.get("class")), _EVENT_ICONS.get(kind, "•")),
         "label": label[:600],
-        "error": kind == "error",
+        "detail": note[:600],
+        "error": kind == "error" or (kind == "stream_status"
+                                     and detail.get("event") == "stream-error"),
     }
+
+
+# Event labels, one function per event type. Each reads the `detail` dict the pipeline built
+# (pipeline/conversation.py; `amd` and `stream_status` from webhooks/) and tolerates missing
+# or odd fields: stored events outlive the code that wrote them.
+
+def _dtmf(detail: Mapping[str, Any]) -> tuple[str, str]:
+    return f"Caller pressed {detail.get('digit', '?')}", ""
+
+
+def _barge_in(detail: Mapping[str, Any]) -> tuple[str, str]:
+    kind = detail.get("class") or "interruption"
+    clear_ms = _float(detail.get("clear_ms"))
+    if kind == "false_interruption":
+        resume_ms = _float(detail.get("resume_ms"))
+        label = "False interruption — bot resumed"
+        if resume_ms is not None:
+            label += f" after {format_ms(resume_ms)}"
+        notes = [f"the sound was {_SOUNDS.get(str(detail.get('heard_as')), 'no words')}"]
+        if clear_ms is not None:
+            notes.append(f"paused {format_ms(clear_ms)} after it began")
+        if resume_ms is not None:
+            notes.append(f"resumed {format_ms(resume_ms)} after it ended")
+        return label, " · ".join(notes)
+    if kind in _SOUNDS:
+        return _backchannel(detail)
+    cause = str(detail.get("cause") or "speech")
+    label = _STOPPED_BY.get(cause, f"Bot stopped ({cause})")
+    if clear_ms is not None:
+        label += f" (audio cleared in {format_ms(clear_ms)})"
+    return label, "" if cause == "new_turn" else "the reply was cut short"
+
+
+_STOPPED_BY = {
+    "speech": "Caller talked over the bot",
+    "dtmf": "Keypress stopped the bot",
+    "new_turn": "Bot stopped for the caller's new turn",
+}
+
+# What a sound over the bot turned out to be (pipeline.backchannel.Interjection).
+_SOUNDS = {"backchannel": "a backchannel", "noise": "noise", "echo": "the bot's own echo"}
+
+
+def _backchannel(detail: Mapping[str, Any]) -> tuple[str, str]:
+    """A sound over the bot that did not stop it: no reply, the bot kept talking."""
+    kind = detail.get("class")
+    words = _quoted(detail.get("text"))
+    if kind == "echo":
+        return "Echo of the bot ignored — bot kept talking", f"heard {words}" if words else ""
+    if kind == "noise":
+        return "Noise ignored — bot kept talking", f"heard {words}" if words else "no words"
+    label = f"Backchannel: {words} — bot kept talking" if words else (
+        "Backchannel — bot kept talking")
+    return label, "the caller was listening; no reply"
+
+
+def _turn_end(detail: Mapping[str, Any]) -> tuple[str, str]:
+    turn = detail.get("turn")
+    after = _float(detail.get("eou_delay_ms"))
+    label = "Turn ended" if turn is None else f"Turn {turn} ended"
+    if after is not None:
+        label += f" {format_ms(after)} after the caller stopped"
+    reason = str(detail.get("reason") or "")
+    if reason == "interjection":
+        why = _OVER_THE_BOT.get(str(detail.get("interjection")), "a sound over the bot")
+    elif reason == "entity" and detail.get("expecting") in _ENTITIES:
+        why = f"dictating {_ENTITIES[detail['expecting']]}"
+    else:
+        why = _END_REASONS.get(reason, reason.replace("_", " "))
+    if why:
+        label += f" ({why})"
+    notes = []
+    if turn is None:
+        notes.append("too short to transcribe")
+    if (budget := _float(detail.get("budget_ms"))) is not None:
+        notes.append(f"silence budget {format_ms(budget)}")
+    if (probability := _float(detail.get("probability"))) is not None:
+        notes.append(f"Smart Turn {probability:.0%} finished")
+    if detail.get("cue") in _CUES:
+        notes.append(_CUES[detail["cue"]])
+    if detail.get("expecting") in _ENTITIES and reason != "entity":
+        notes.append(f"expecting {_ENTITIES[detail['expecting']]}")
+    if detail.get("during_bot"):
+        notes.append("began over the bot")
+    return label, " · ".join(notes)
+
+
+# Why the turn ended (pipeline.turn_detector.EndOfTurnPolicy and pipeline.turn_taking).
+_END_REASONS = {
+    "model_complete": "Smart Turn: complete",
+    "model_unsure": "Smart Turn: unsure, waited",
+    "model_incomplete": "Smart Turn: not finished, waited",
+    "words_complete": "words: complete",
+    "answer": "a short answer to a yes/no question",
+    "hesitation": "caller hesitated, waited",
+    "unfinished": "words unfinished, waited",
+    "entity": "dictation, waited",
+    "pending": "no verdict in time",
+    "max_silence": "silence limit",
+    "silence": "silence only",
+}
+_OVER_THE_BOT = {"backchannel": "a backchannel over the bot", "noise": "noise over the bot",
+                 "echo": "the bot's own echo"}
+# What the words looked like (pipeline.turn_detector.Cue).
+_CUES = {"complete": "words look complete", "hesitation": "words trail off",
+         "unfinished": "words unfinished", "entity": "value still being dictated",
+         "answer": "a short answer"}
+# What the bot had asked for (pipeline.turn_detector.Entity).
+_ENTITIES = {"phone": "a phone number", "zip": "a ZIP code", "number": "a number",
+             "email": "an e-mail address", "birthdate": "a birth date", "date": "a date",
+             "spelling": "a spelling"}
+
+
+def _echo(detail: Mapping[str, Any]) -> tuple[str, str]:
+    """The echo canceller's summary at hang-up (sent only when it found an echo)."""
+    delay = _float(detail.get("delay_ms"))
+    label = "Echo of the bot cancelled"
+    if delay is not None:
+        label += f" (its voice came back after {format_ms(delay)})"
+    cancelled, frames = _float(detail.get("cancelled_frames")), _float(detail.get("frames"))
+    if cancelled is None or not frames:
+        return label, ""
+    return label, f"suppressed in {cancelled:,.0f} of {frames:,.0f} caller frames"
+
+
+def _end_call(detail: Mapping[str, Any]) -> tuple[str, str]:
+    reason = str(detail.get("reason") or "")
+    why = _END_CALL_REASONS.get(reason, reason.replace("_", " "))
+    return "Bot is ending the call" + (f" ({why})" if why else ""), ""
+
+
+_END_CALL_REASONS = {"idle": "the caller was silent", "dtmf": "keypad menu",
+                     "llm": "the LLM decided", "caller_goodbye": "the caller said goodbye"}
+
+
+def _transfer(detail: Mapping[str, Any]) -> tuple[str, str]:
+    number = detail.get("number")
+    if not number:
+        return "Transfer asked, but no number is set", "TRANSFER_NUMBER is not configured"
+    return f"Transfer to {mask_number(str(number))}", ""
+
+
+def _error(detail: Mapping[str, Any]) -> tuple[str, str]:
+    return f"Error in {detail.get('stage', '?')}: {detail.get('reason', '')}".rstrip(": "), ""
+
+
+def _status(detail: Mapping[str, Any]) -> tuple[str, str]:
+    return f"Status: {detail.get('status', '?')}", ""
+
+
+def _amd(detail: Mapping[str, Any]) -> tuple[str, str]:
+    """Twilio's answering machine detection verdict (`AnsweredBy`)."""
+    answered_by = str(detail.get("answered_by") or "")
+    label = _ANSWERED_BY.get(answered_by, f"Answering machine detection: {answered_by or '?'}")
+    took = _float(detail.get("duration_ms"))
+    return label, "" if took is None else f"detected in {format_ms(took)}"
+
+
+_ANSWERED_BY = {
+    "human": "Answered by a person",
+    "machine_start": "Answered by a machine",
+    "machine_end_beep": "Answered by a machine (greeting ended with a beep)",
+    "machine_end_silence": "Answered by a machine (greeting ended in silence)",
+    "machine_end_other": "Answered by a machine (greeting ended)",
+    "fax": "Answered by a fax",
+    "unknown": "Answering machine detection: unknown",
+}
+
+
+def _stream_status(detail: Mapping[str, Any]) -> tuple[str, str]:
+    """Twilio's `<Stream>` status callback."""
+    event = str(detail.get("event") or "")
+    if event == "stream-error":
+        return f"Media stream error: {detail.get('error') or 'no reason given'}", ""
+    return _STREAM_EVENTS.get(event, f"Media stream: {event or '?'}"), ""
+
+
+_STREAM_EVENTS = {"stream-started": "Media stream started",
+                  "stream-stopped": "Media stream stopped"}
+
+_DESCRIBE = {
+    "dtmf": _dtmf,
+    "barge_in": _barge_in,
+    "backchannel": _backchannel,
+    "turn_end": _turn_end,
+    "echo": _echo,
+    "end_call": _end_call,
+    "transfer": _transfer,
+    "error": _error,
+    "status": _status,
+    "amd": _amd,
+    "stream_status": _stream_status,
+}
+
+
+def _quoted(text: object) -> str:
+    words = " ".join(str(text or "").split())
+    if len(words) > 120:
+        words = words[:119] + "…"
+    return f"“{words}”" if words else ""
+
+
+def _float(value: object) -> float | None:
+    try:
+        return None if value is None or value == "" else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def metrics_view(data: Mapping[str, Any]) -> View:

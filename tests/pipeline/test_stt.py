@@ -76,3 +76,16 @@ def test_silence_transcribes_to_nothing_much(stt: WhisperStt) -> None:
 )
 def test_repetition_cut(raw: str, kept: str) -> None:
     assert cut_repetition(raw) == kept
+
+
+def test_a_partial_transcript_never_falls_back_to_the_full_window(
+    stt: WhisperStt, fixtures_dir, monkeypatch
+) -> None:
+    """A barge-in waits on it: the short window only, even when its result looks doubtful."""
+    audio = phone_line(fixtures_dir / "prices.wav")[:8000]
+    monkeypatch.setattr(stt, "_decode_short", lambda *_: ("actually actually", False))
+    monkeypatch.setattr(stt, "_decode_full", lambda *_: pytest.fail("full window used"))
+    before = stt.fallbacks
+    assert stt.transcribe_partial(audio) == "actually actually"
+    assert stt.fallbacks == before
+    assert stt.transcribe_partial(np.zeros(0, dtype=np.float32)) == ""

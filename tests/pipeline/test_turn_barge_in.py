@@ -50,9 +50,46 @@ def test_a_late_partial_transcript_counts_as_words_and_long_voice_always_interru
         "interrupt")
     long = BargeInTracker(policy, started_at=0.0)
     long.feed(policy.candidate_ms, 1.0)
-    long.partial("mm")
-    assert long.feed(policy.long_ms, 1.5) == "interrupt"
-    assert long.feed(policy.long_ms + 100, 1.6) is None  # once
+    long.partial("and then")  # not words yet, not a backchannel either
+    assert long.feed(policy.long_ms, 1.0) == "interrupt"
+    assert long.feed(policy.long_ms + 100, 1.1) is None  # once
+
+
+def test_a_long_backchannel_gets_twice_as_long_before_it_stops_the_bot() -> None:
+    policy = BargeInPolicy()
+    hum = BargeInTracker(policy, started_at=0.0)
+    assert hum.feed(policy.candidate_ms, 0.1) == "transcribe"
+    assert hum.partial("Mm-hmm") is None
+    assert hum.feed(policy.long_ms, 0.2) != "interrupt"  # "mm-hmm, mm-hmm": still listening
+    hum.partial("Mm-hmm, mm")
+    assert hum.feed(policy.long_ms * 2, 0.3) == "interrupt"
+
+
+@pytest.mark.parametrize(("first_words", "stops"), [
+    (None, True),  # no partial transcript yet
+    ("x", True),  # nothing Whisper can make out: maybe "Excuse me"
+    ("Yeah", False),  # a backchannel: the caller is listening
+    ("and then", False),  # function words: Whisper's guess at the start of a hum
+])
+def test_voice_still_going_at_the_deadline_stops_the_bot_unless_it_sounds_like_listening(
+    first_words: str | None, stops: bool
+) -> None:
+    policy = BargeInPolicy()
+    deadline = policy.decide_within_ms / 1000
+    voiced = policy.candidate_ms + policy.recheck_ms
+    tracker = BargeInTracker(policy, started_at=0.0)
+    assert tracker.feed(policy.candidate_ms, 0.1) == "transcribe"
+    if first_words is not None:
+        assert tracker.partial(first_words) is None
+        assert tracker.feed(voiced, deadline - 0.01) == "transcribe"  # a recheck; words kept
+    assert tracker.feed(voiced + 32, deadline) == ("interrupt" if stops else None)
+
+
+def test_a_hum_that_whisper_spells_out_is_a_backchannel() -> None:
+    assert classify_interjection("M-H-N.") == "backchannel"
+    assert classify_interjection("M-A-A-A-") == "backchannel"
+    assert classify_interjection("Emm.") == "backchannel"
+    assert classify_interjection("I need") == "words"
 
 
 def _speechlike(seconds: float, seed: int) -> np.ndarray:

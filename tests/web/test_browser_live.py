@@ -49,6 +49,10 @@ async def test_the_call_page_stays_in_step_across_reconnects(
             for event in events[4:8]:  # the cut reply, barge-in, caller turn 2, metrics
                 bus.publish(event)
             await page.wait_for_selector("#timeline .utt.bot.interrupted")
+            # A live event gets its detail line; one without a detail shows no empty line.
+            barge_in = page.locator("#timeline .ev[data-type='barge_in'] .f-detail")
+            await barge_in.wait_for(state="visible")
+            assert await barge_in.text_content() == "the reply was cut short"
             for _ in range(3):  # published while the page reconnects: picked up by resync
                 await connects.get()
             for event in events[8:]:
@@ -57,6 +61,7 @@ async def test_the_call_page_stays_in_step_across_reconnects(
             await connects.get()
             await connects.get()  # one more resync after the end: still no duplicates
             await page.wait_for_selector("#timeline .ev.error")
+            assert await page.locator("#timeline .ev[data-type='dtmf'] .f-detail").is_hidden()
             keys = await page.eval_on_selector_all("#timeline > li", "els => els.map(e => e.dataset.key)")
             opened = await page.eval_on_selector_all(
                 "#timeline .utt.bot.interrupted .waterfall[open]", "els => els.length")

@@ -80,6 +80,14 @@ async def test_a_call_shows_up_live_in_the_list_and_on_its_page(
             await listing.wait_for_selector(f"{row} .status-completed")
 
             assert await page.locator("#timeline .waterfall").count() >= 2
+            # Every event the real pipeline published has its own words, not a generic label.
+            shown = await page.eval_on_selector_all("#timeline .ev", """els => els.map(
+                (e) => [e.dataset.type, e.querySelector(".f-label").textContent])""")
+            assert "turn_end" in {kind for kind, _ in shown}
+            assert [(kind, label) for kind, label in shown
+                    if label == kind.replace("_", " ").capitalize()] == []
+            await transcript_has(page, "#timeline .ev[data-type='turn_end']",
+                                 "Turn 1 ended")
             turns = await listing.locator(f"{row} .f-turns").text_content()
             median = await listing.locator(f"{row} .f-median").text_content()
             assert turns == "2" and median is not None and median.endswith(" ms")

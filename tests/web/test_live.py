@@ -51,6 +51,21 @@ async def test_a_slow_viewer_is_dropped_and_the_others_go_on() -> None:
         await slow.get(1)
 
 
+async def test_a_viewer_cancelled_as_a_message_arrives_stays_cancelled() -> None:
+    """The SSE task of a browser that went away is cancelled; a message landing in the same
+    loop iteration must not swallow that (Python 3.11's `wait_for` did), nor be lost."""
+    feed = LiveFeed()
+    subscription = feed.subscribe()
+    waiting = asyncio.create_task(subscription.get(10))
+    await asyncio.sleep(0)  # one loop turn: the task is now waiting in `get`
+    await feed.handle(started("CA1"))  # wakes it...
+    waiting.cancel()  # ...and cancels it before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    message = await subscription.get(1)
+    assert message is not None and message["call_sid"] == "CA1"
+
+
 async def test_stopping_the_feed_ends_every_subscription() -> None:
     feed = LiveFeed()
     subscription = feed.subscribe()

@@ -11,7 +11,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from pipeline.events import PipelineEvent
+from pipeline.events import CallEvent, PipelineEvent
 from tests.web.viewerkit import (
     LONG_REPLY,
     T0,
@@ -110,6 +110,39 @@ def test_the_call_page_shows_the_transcript_as_a_chat(viewer: Viewer) -> None:
                   "Overhead", "Voice to voice"):
         assert label in text
     assert "margin-left:50.0%;width:10.0%" in text.replace(" ", "")  # STT wait, turn 2
+
+
+def test_turn_taking_events_show_a_label_and_a_detail_line(viewer: Viewer) -> None:
+    events = scripted_call("CA1")
+    at = T0 + timedelta(seconds=14)
+    viewer.publish([*events[:-1],
+                    CallEvent("CA1", "turn_end", {
+                        "turn": 3, "eou_delay_ms": 310.4, "reason": "model_complete",
+                        "budget_ms": 256, "probability": 0.912, "cue": "complete",
+                        "expecting": None, "during_bot": False}, at),
+                    CallEvent("CA1", "backchannel", {"class": "backchannel", "text": "uh-huh"},
+                              at + timedelta(seconds=0.5)),
+                    CallEvent("CA1", "barge_in", {
+                        "cause": "speech", "class": "false_interruption",
+                        "heard_as": "noise", "clear_ms": 180.2, "resume_ms": 240.0},
+                              at + timedelta(seconds=0.6)),
+                    events[-1]])
+
+    text = visible(viewer.client.get("/calls/CA1", headers=HTML).text)
+
+    def shown(kind: str) -> str:
+        return text.split(f'data-type="{kind}"')[1].split("</li>")[0]
+
+    assert "Turn 3 ended 310 ms after the caller stopped (Smart Turn: complete)" in shown(
+        "turn_end")
+    assert ">silence budget 256 ms · Smart Turn 91% finished · words look complete<" in shown(
+        "turn_end")
+    assert "Backchannel: “uh-huh” — bot kept talking" in shown("backchannel")
+    false_interruption = text.split('data-type="barge_in"')[2].split("</li>")[0]
+    assert "False interruption — bot resumed after 240 ms" in false_interruption
+    assert ">the sound was noise · paused 180 ms after it began" in false_interruption
+    # No detail, no empty line.
+    assert re.search(r'class="detail f-detail" hidden>', shown("dtmf"))
 
 
 def test_a_reply_still_being_spoken_shows_as_pending_with_its_latency(viewer: Viewer) -> None:

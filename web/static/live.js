@@ -101,6 +101,8 @@
     Object.assign(el.dataset, { key: e.key, at: e.at, type: e.type });
     setText(el, ".f-icon", e.icon);
     setText(el, ".f-label", e.label);
+    setText(el, ".f-detail", e.detail);
+    el.querySelector(".f-detail").hidden = !e.detail;
     const time = el.querySelector(".f-time");
     time.setAttribute("datetime", e.at);
     time.textContent = localTime(e.at) || e.time;
