@@ -19,7 +19,6 @@ first passes the echo guard (`pipeline.echo_guard`), which removes the bot's own
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import logging
 import time
@@ -403,8 +402,9 @@ class Conversation:
             cause, latency_ms = "speech", (paused[1] - paused[0]) * 1000
         if reply is not None and not reply.done():
             reply.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reply
+            # `wait`, not `await reply`: the reply's cancellation must not be mistaken for
+            # ours. If this task is cancelled meanwhile (hang-up), that propagates.
+            await asyncio.wait({reply})
         if cleared:
             self.barge_ins += 1
             log.info("barge-in call_sid=%s cause=%s clear_after_ms=%.0f",
