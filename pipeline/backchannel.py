@@ -35,7 +35,7 @@ from typing import Literal
 Interjection = Literal["backchannel", "noise", "echo", "words"]
 BargeInClass = Literal["interruption", "backchannel", "noise", "echo", "false_interruption"]
 
-BACKCHANNELS = frozenset(["yeah", "yes", "yep", "yup", "ya", "yea", "ok", "okay", "k", "right", "sure", "alright", "all", "fine", "good", "great", "cool", "nice", "uh", "huh", "uh-huh", "em", "emm", "eh", "mhm", "mm-hmm", "mmhmm", "mm", "hmm", "hm", "um", "umm", "uhm", "ah", "oh", "aha", "ahh", "ooh", "wow", "er", "erm", "i", "see", "got", "it", "gotcha", "true", "totally", "exactly", "indeed", "definitely"])
+BACKCHANNELS = frozenset(["yeah", "yes", "yep", "yup", "ya", "yea", "ok", "okay", "k", "right", "sure", "alright", "all", "fine", "good", "great", "cool", "nice", "uh", "huh", "uh-huh", "em", "emm", "eh", "ha", "hah", "haha", "heh", "hehe", "mhm", "mm-hmm", "mmhmm", "mm", "hmm", "hm", "um", "umm", "uhm", "ah", "oh", "aha", "ahh", "ooh", "wow", "er", "erm", "i", "see", "got", "it", "gotcha", "true", "totally", "exactly", "indeed", "definitely"])
 # Whisper renders a closed-mouth hum ("mm-hmm") as a string of m/n/h letters.
 _HUM = re.compile(r"^[mnh]+$")
 # A partial transcript of a fraction of a second of a hum often comes out as a few function
