@@ -99,8 +99,29 @@ class EchoGuard:
         return round(at * RATE)
 
     def _write(self, buffer: np.ndarray, start: int, samples: np.ndarray) -> None:
-        idx = (np.arange(start, start + samples.size)) % self.size
-        buffer[idx] = samples
+        """Lay `samples` on the ring from timeline index `start`: one or two slice copies
+        (this runs for every frame; an index array per frame costs more than the copy)."""
+        n = samples.size
+        if n > self.size:  # only the newest `size` samples survive on the ring anyway
+            samples = samples[n - self.size:]
+            start += n - self.size
+            n = self.size
+        at = start % self.size
+        first = min(n, self.size - at)
+        buffer[at:at + first] = samples[:first]
+        if first < n:
+            buffer[:n - first] = samples[first:]
+
+    def _fill(self, buffer: np.ndarray, start: int, end: int, value: float = 0.0) -> None:
+        """Set timeline [start, end) of the ring to `value` (silence) without allocating."""
+        n = min(end - start, self.size)
+        if n <= 0:
+            return
+        at = (end - n) % self.size
+        first = min(n, self.size - at)
+        buffer[at:at + first] = value
+        if first < n:
+            buffer[:n - first] = value
 
     def far_end(self, pcm8k: np.ndarray, at: float) -> None:
         """Bot audio (8 kHz int16) was sent `at` seconds after the stream started.
@@ -112,18 +133,15 @@ class EchoGuard:
         start = max(self._index_at(at), self._play_end, self.near_end - self.size // 2)
         # Silence between replies: clear what is left of older audio up to `start`.
         if start > self._play_end:
-            gap_from = max(self._play_end, start - self.size)
-            self._write(self._ref, gap_from, np.zeros(start - gap_from, dtype=np.float32))
-        samples = pcm8k.astype(np.float32) / 32768.0
-        self._write(self._ref, start, samples)
+            self._fill(self._ref, max(self._play_end, start - self.size), start)
+        self._write(self._ref, start, pcm8k * np.float32(1.0 / 32768.0))
         self._far_total += pcm8k.size
         self._play_end = start + pcm8k.size
 
     def drop_unplayed(self) -> None:
         """The bot's queued audio was cleared: what was not played yet will never echo."""
         if self._play_end > self.near_end:
-            self._write(self._ref, self.near_end,
-                        np.zeros(self._play_end - self.near_end, dtype=np.float32))
+            self._fill(self._ref, self.near_end, self._play_end)
             self._play_end = self.near_end
 
     @property
@@ -132,8 +150,14 @@ class EchoGuard:
         return self._play_end + self.max_delay + self.taps > self.near_end - self.refit
 
     def _span(self, buffer: np.ndarray, start: int, end: int) -> np.ndarray:
-        idx = np.arange(start, end) % self.size
-        return buffer[idx]
+        """A copy of timeline [start, end) from the ring (one slice unless it wraps)."""
+        at = start % self.size
+        n = end - start
+        if at + n <= self.size:
+            return buffer[at:at + n].copy()
+        if n <= self.size:
+            return np.concatenate((buffer[at:], buffer[:n - (self.size - at)]))
+        return buffer[np.arange(start, end) % self.size]
 
     def _reference(self, start: int, end: int) -> np.ndarray:
         """Bot audio on the timeline for [start, end); nothing past what has been queued."""
@@ -226,14 +250,48 @@ class EchoGuard:
             return  # the caller is talking (or the path changed): keep the last good fit
         previous = self._lag
         self._lag = lag
-        matrix = self._matrix(end - fit, fit)
-        solution, *_ = np.linalg.lstsq(matrix, near, rcond=None)
-        left = near - matrix @ solution
-        if float(np.dot(left, left)) > float(np.dot(near, near)) * 10 ** (-MIN_FIT_DB / 10):
+        first = end - fit - lag - (self.taps - self.pre) + 1
+        solution, left = _fit_fir(self._reference(first, first + fit + self.taps - 1), near)
+        if left > float(np.dot(near, near)) * 10 ** (-MIN_FIT_DB / 10):
             self._lag = previous  # explains too little to be our echo: keep the last fit
             return
         self.stats.delay_ms = lag * 1000 / RATE
         self._filter = solution.astype(np.float32)
+
+
+def _fit_fir(ref: np.ndarray, near: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares FIR filter `w` (taps = ref.size - near.size + 1) with
+    near[k] ≈ sum_i ref[k + i] w[i], and the energy left unexplained.
+
+    By the normal equations, from correlations: the Gram matrix of the sliding windows is
+    Toeplitz plus corrections at its edges, so it is built from one correlation and a
+    cumulative sum in float64, never as a (samples × taps) matrix product. That keeps a refit
+    at a fraction of a millisecond and off multithreaded BLAS (`lstsq` on the full matrix
+    took milliseconds, and far longer when BLAS threads fought the event loop for a core).
+    A ridge at the level of `lstsq`'s default cutoff stands in for its rank handling (a
+    pure tone from the bot makes the matrix rank-deficient).
+    """
+    n = near.size
+    taps = ref.size - n + 1
+    r = ref.astype(np.float64)
+    y = near.astype(np.float64)
+    first_row = np.correlate(r, r[:n], "valid")  # G[0, d] = sum_k r[k] r[k + d]
+    rhs = np.correlate(r, y, "valid")  # b[i] = sum_k r[k + i] y[k]
+    # G[i + 1, j + 1] = G[i, j] - r[i] r[j] + r[n + i] r[n + j]: along each diagonal the
+    # entries differ by a running sum of these edge terms.
+    grid = _grid(taps)
+    head, tail = r[: taps - 1], r[n : n + taps - 1]
+    steps = np.zeros(taps * taps, dtype=np.float64)
+    steps[grid.step_at] = tail[grid.i] * tail[grid.j] - head[grid.i] * head[grid.j]
+    upper = (first_row + np.cumsum(steps.reshape(taps, taps), axis=0)).ravel()
+    gram = np.empty(taps * taps, dtype=np.float64)  # upper[i * taps + d] = G[i, i + d]
+    gram[grid.upper] = gram[grid.lower] = upper[grid.source]
+    gram = gram.reshape(taps, taps)
+    gram[np.diag_indices(taps)] += 1e-7 * float(np.trace(gram)) + 1e-20
+    solution = np.linalg.solve(gram, rhs)
+    # |y - M w|^2 = y.y - 2 w.b + w.G w (the ridge term is negligible here).
+    left = float(np.dot(y, y) - 2.0 * np.dot(solution, rhs) + solution @ gram @ solution)
+    return solution, max(left, 0.0)
 
 
 def _best_lag(near: np.ndarray, ref: np.ndarray, max_lag: int, early: int = 0
@@ -256,3 +314,31 @@ def _best_lag(near: np.ndarray, ref: np.ndarray, max_lag: int, early: int = 0
     score = np.abs(xcorr) / norm
     k = int(np.argmax(score))
     return max_lag - k, float(score[k])
+
+
+@dataclass(frozen=True, slots=True)
+class _Grid:
+    """Flat indices for building a taps × taps Gram matrix from its diagonals (`_fit_fir`)."""
+
+    i: np.ndarray  # edge terms: row i, column j = i + d, for i + d < taps - 1
+    j: np.ndarray
+    step_at: np.ndarray  # where each edge term goes: (i + 1, d)
+    source: np.ndarray  # G[i, i + d] for i + d < taps, in (i, d) layout
+    upper: np.ndarray  # ... and where it goes, above the diagonal and mirrored below it
+    lower: np.ndarray
+
+
+_GRIDS: dict[int, _Grid] = {}
+
+
+def _grid(taps: int) -> _Grid:
+    grid = _GRIDS.get(taps)
+    if grid is None:
+        rows, diag = (a.ravel() for a in np.indices((taps, taps)))
+        step = rows + diag < taps - 1
+        keep = rows + diag < taps
+        i, d = rows[keep], diag[keep]
+        grid = _GRIDS[taps] = _Grid(
+            i=rows[step], j=rows[step] + diag[step], step_at=(rows[step] + 1) * taps + diag[step],
+            source=i * taps + d, upper=i * taps + i + d, lower=(i + d) * taps + i)
+    return grid

@@ -238,3 +238,19 @@ async def test_draining_refuses_new_calls_and_fails_readiness(
             await call.ping()  # the call in progress is untouched
             assert app.state.admission.local_active == 1
         await asyncio.wait_for(app.state.admission.wait_idle(), 5)
+
+
+async def test_a_media_stream_before_the_models_are_loaded_is_refused_and_counted(
+    tmp_path: Path, fake_openai: FakeOpenAi
+) -> None:
+    settings = call_settings(tmp_path, fake_openai)
+    app = with_capacity(create_app(settings, engines=instant_engines(settings)))
+    async with running_server(app) as base:
+        app.state.services.ready = False  # as while `voicebot serve` still loads the models
+        assert await refused_with(base) == 403
+        app.state.services.ready = True
+        async with call_in_progress(base):
+            pass
+        async with httpx.AsyncClient(base_url=base) as http:
+            text = (await http.get("/metrics")).text
+    assert 'voicebot_calls_refused_total{reason="loading",where="media"} 1.0' in text

@@ -148,3 +148,16 @@ async def test_two_workers_share_the_limit_and_metrics_then_stop_on_sigterm(
             for t in scrapes} == {4.0}
     server.signal(signal.SIGTERM)
     assert await server.wait_exit(20) == 0
+
+
+def test_several_workers_share_one_login_secret_when_none_is_set() -> None:
+    from voicebot.workers import share_login_secret
+
+    env: dict[str, str] = {}
+    share_login_secret(1, env)
+    assert "UI_SECRET" not in env  # one process: its own random key is enough
+    share_login_secret(2, env)
+    made = env["UI_SECRET"]
+    assert len(made) >= 32
+    share_login_secret(2, env)
+    assert env["UI_SECRET"] == made  # an existing secret (the user's) is kept

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # whatever TwiML follows <Connect>).
 WS_TRY_AGAIN_LATER = 1013
 
-RefusalReason = Literal["full", "overloaded", "draining"]
+RefusalReason = Literal["full", "overloaded", "draining", "loading"]
 
 
 class LeaseStoreUnavailable(Exception):
@@ -308,6 +308,10 @@ class Admission:
                 self._mark_store_down(exc)
         return self.local_active
 
+    def note_refusal(self, where: str, reason: RefusalReason) -> None:
+        """Count (and log the first few of) a refusal decided elsewhere."""
+        self._refused(where, reason)
+
     def _refused(self, where: str, reason: RefusalReason) -> None:
         key = f"{where}:{reason}"
         self.refusals[key] += 1
@@ -422,14 +426,24 @@ async def refuse_websocket(websocket: WebSocket, reason: str) -> None:
     await websocket.close(code=WS_TRY_AGAIN_LATER, reason=reason)
 
 
-async def admit_media_stream(websocket: WebSocket, direction: str) -> tuple[bool, Lease | None]:
+async def admit_media_stream(websocket: WebSocket, direction: str, ready: bool = True
+                             ) -> tuple[bool, Lease | None]:
     """Take a line for a media stream before it is accepted: (True, lease), or (False, None)
-    after refusing it with 1013. Without `app.state.admission` every stream is let through."""
+    after refusing it with 1013 (also when the models are not `ready` yet). Without
+    `app.state.admission` every stream of a ready server is let through."""
     admission: Admission | None = getattr(websocket.app.state, "admission", None)
+    where = "web" if direction == "web" else "media"
+    if not ready:
+        if admission is not None:
+            admission.note_refusal(where, "loading")
+        else:
+            log.warning("refusing a new call at %s: loading", where)
+        await refuse_websocket(websocket, "loading")
+        return False, None
     if admission is None:
         return True, None
     try:
-        return True, await admission.admit("web" if direction == "web" else "media")
+        return True, await admission.admit(where)
     except Refused as refused:
         await refuse_websocket(websocket, refused.reason)
         return False, None

@@ -23,32 +23,27 @@ async def serve_media_stream(
     *,
     default_direction: str = "inbound",
 ) -> None:
-    # MAX_CONCURRENT_CALLS across every worker (Redis leases); also refused while draining
-    # and while the STT/TTS queues are deep (`voicebot.admission`). 1013 before `accept`.
-    admitted, lease = await admit_media_stream(websocket, default_direction)
+    # MAX_CONCURRENT_CALLS across every worker (Redis leases); also refused while the models
+    # load, while draining and while the STT/TTS queues are deep (`voicebot.admission`).
+    # 1013 before `accept`.
+    services: Services | None = getattr(websocket.app.state, "services", None)
+    ready = services is not None and services.ready
+    admitted, lease = await admit_media_stream(websocket, default_direction, ready)
     if not admitted:
         return
+    assert services is not None
     try:
-        await _serve_media_stream(websocket, factory, default_direction)
+        await _serve_media_stream(websocket, services, factory, default_direction)
     finally:
         await release_media_stream(websocket, lease)
 
 
 async def _serve_media_stream(
     websocket: WebSocket,
+    services: Services,
     factory: ConversationFactory | None,
     default_direction: str,
 ) -> None:
-    services: Services | None = getattr(websocket.app.state, "services", None)
-    if services is None or not services.ready or (
-        services.active_calls >= services.settings.max_concurrent_calls
-    ):
-        # 1013 "try again later": over capacity or still loading models.
-        log.warning("refusing %s media stream: ready=%s active=%s",
-                    default_direction, services is not None and services.ready,
-                    services.active_calls if services else "-")
-        await websocket.close(code=1013)
-        return
     settings = services.settings
     await websocket.accept()
     services.active_calls += 1

@@ -20,6 +20,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -205,6 +206,17 @@ def _mark_dead(pid: int | None) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+def share_login_secret(workers: int, environ: dict[str, str] | None = None) -> None:
+    """Several workers must sign viewer logins with one key, or a login made on one worker
+    is refused by the next: without `UI_SECRET`, make one for this run and hand it to them
+    (through the environment they read their settings from; never logged)."""
+    env = os.environ if environ is None else environ
+    if workers > 1 and not env.get("UI_SECRET"):
+        env["UI_SECRET"] = secrets.token_urlsafe(32)
+        log.info("UI_SECRET is unset: %d workers share a random one for this run (viewer "
+                 "logins end when the server restarts; set UI_SECRET to keep them)", workers)
+
+
 def serve(
     *,
     host: str = "127.0.0.1",
@@ -230,6 +242,7 @@ def serve(
         log.warning("%d workers without REDIS_URL: MAX_CONCURRENT_CALLS holds per worker and "
                     "the viewer shows each worker's own calls; set REDIS_URL to share them",
                     workers)
+    share_login_secret(workers)
     os.environ[LISTEN_HOST_ENV] = host
     metrics_dir: str | None = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -24,7 +24,8 @@ def test_a_browser_call_is_refused_when_the_server_is_full(tmp_path: Path) -> No
     settings = call_free_settings(tmp_path)
     app = viewer_app(settings, idle_engines(settings))
     with TestClient(app) as client:
-        app.state.services.active_calls = settings.max_concurrent_calls
+        for _ in range(settings.max_concurrent_calls):  # every line taken
+            client.portal.call(app.state.admission.admit)
         with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/web/media"):
             pass
     assert refused.value.code == 1013
