@@ -181,12 +181,16 @@ class EchoGuard:
         if not self.bot_recent:
             return pcm8k  # the echo path stays known for the next reply
         self._since_fit += n
-        if self._since_fit >= (self.refit if self._filter is not None else n):
+        # Long enough to have found an echo without finding one: there is none (a handset).
+        no_echo = self._filter is None and self._far_total - (self._play_end - start) > self.converge
+        # Until the first fit, look at every frame (the first words of a reply); once the line
+        # has shown no echo, every `refit` is soon enough to notice one appearing.
+        if self._since_fit >= (self.refit if self._filter is not None or no_echo else n):
             self._since_fit = 0
             self._refit()
         if self._filter is None:
-            if self._far_total - (self._play_end - start) > self.converge:
-                return pcm8k  # long enough to have found an echo: there is none (a handset)
+            if no_echo:
+                return pcm8k
             return self._gate_unconverged(pcm8k, near, start)
         predicted = self._predict(start, n)
         residual = near - predicted

@@ -157,3 +157,11 @@ async def test_the_database_password_is_never_logged(
     finally:
         await drop_pg_database(database)
     assert every_log_record.leaks([DB_PASSWORD, *SECRETS.values()]) == []
+
+
+def test_llm_tools_on_with_the_local_model_is_a_settings_error_naming_the_key() -> None:
+    with pytest.raises(SettingsError) as bad:
+        load_settings(llm_tools="on")
+    assert "LLM_TOOLS" in str(bad.value) and "function calling" in str(bad.value)
+    assert load_settings(llm_tools="on", llm_base_url="http://127.0.0.1:9/v1").llm_tools == "on"
+    assert load_settings(llm_tools="auto").llm_tools == "auto"

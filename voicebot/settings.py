@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LlmProvider = Literal["local", "openai", "deepseek", "azure", "compatible"]
@@ -146,6 +146,18 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an http(s) URL such as https://example.ngrok.app")
         return value.rstrip("/")
+
+    @field_validator("llm_tools")
+    @classmethod
+    def _tools_need_a_tool_calling_llm(cls, value: str, info: ValidationInfo) -> str:
+        data = info.data
+        local = not (data.get("llm_provider") or data.get("llm_base_url")
+                     or data.get("llm_api_key")) or data.get("llm_provider") == "local"
+        if value == "on" and local:
+            raise ValueError("'on' needs an OpenAI-compatible LLM (LLM_BASE_URL or "
+                             "LLM_API_KEY): the local model has no function calling; "
+                             "use 'auto' (phrases for the local model) or 'off'")
+        return value
 
     @field_validator("dtmf_menu")
     @classmethod
