@@ -230,7 +230,9 @@ class OfflineCall:
                         return []
                     return self.turns.on_transcript(text, self._now_of_queue())
 
-                self._stt(action.audio, now, deliver)
+                # Over the bot, the words only have to tell a backchannel from words: the
+                # fast path (as in `Conversation._analyze`).
+                self._stt(action.audio, now, deliver, partial=action.during_bot)
                 if self.models.turn is not None and self.mode == "smart":
                     self._eou(action.audio, now)
             elif isinstance(action, Discard):

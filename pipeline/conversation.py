@@ -284,7 +284,9 @@ class Conversation:
 
     def _analyze(self, action: Analyze) -> None:
         """A pause: transcribe what was said so far and ask the end-of-turn model about it."""
-        self._start_speculative(action.audio)
+        # A sound over the bot: its words only have to tell a backchannel from an
+        # interruption, and a paused bot waits on them, so the fast path (no full-window redo).
+        self._start_speculative(action.audio, quick=action.during_bot)
         assert self._speculative is not None
         self._spawn(self._deliver_transcript(self._speculative, action.pause_id), "words")
         model = self._engines.turn_model
@@ -415,11 +417,16 @@ class Conversation:
                            "class": "interruption"})
             )
 
-    def _transcribe_task(self, audio: np.ndarray) -> asyncio.Task[tuple[str, float]]:
+    def _transcribe_task(self, audio: np.ndarray, quick: bool = False
+                         ) -> asyncio.Task[tuple[str, float]]:
+        stt = self._engines.stt
+        transcribe = getattr(stt, "transcribe_partial", stt.transcribe) if quick else \
+            stt.transcribe
+
         async def run() -> tuple[str, float]:
             start = time.monotonic()
             text = await anyio.to_thread.run_sync(
-                self._engines.stt.transcribe, audio, limiter=self._engines.stt_limiter
+                transcribe, audio, limiter=self._engines.stt_limiter
             )
             elapsed = (time.monotonic() - start) * 1000
             log.debug("stt call_sid=%s audio_s=%.2f took_ms=%.0f text=%r",
@@ -428,9 +435,9 @@ class Conversation:
 
         return self._spawn(run(), "stt", awaited=True)  # type: ignore[return-value]
 
-    def _start_speculative(self, audio: np.ndarray) -> None:
+    def _start_speculative(self, audio: np.ndarray, quick: bool = False) -> None:
         self._drop_speculative()
-        self._speculative = self._transcribe_task(audio)
+        self._speculative = self._transcribe_task(audio, quick)
 
     def _drop_speculative(self) -> None:
         if self._speculative is not None:
