@@ -39,6 +39,9 @@ def smollm2_path() -> Path:
     return Path(spec.origin).parent / SMOLLM2_FILE
 
 
+BACKGROUND_POLL_S = 0.05  # how often waiting background work looks for a quiet model
+
+
 class LlamaCppLlm:
     """A `LanguageModel` running a GGUF model in-process with llama.cpp.
 
@@ -48,6 +51,10 @@ class LlamaCppLlm:
     so `warm_up` from another thread cannot interleave). Cancelling the iteration sets a flag the worker
     checks after every token: generation stops within one token. The first token must arrive
     within `timeout_s` (waiting for another call's generation counts), else `EngineError`.
+
+    Live replies (`stream`) come first: background work (`complete`: rolling and post-call
+    summaries) waits until no reply is being made, and a reply that arrives while a summary
+    is generating stops it within a token; the summary starts again once the replies are done.
     """
 
     def __init__(
@@ -77,6 +84,10 @@ class LlamaCppLlm:
         self.temperature = temperature
         self.timeout_s = timeout_s
         self.name = f"local:{path.stem}"
+        self._live = 0  # replies asked for and not finished (event-loop side)
+        # The running summary's (cancel, preempted) flags: a reply sets both.
+        self._background: tuple[threading.Event, threading.Event] | None = None
+        self.preemptions = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LlamaCppLlm:
@@ -129,9 +140,22 @@ class LlamaCppLlm:
         self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None
     ) -> AsyncIterator[str]:
         """Yield the reply as text deltas; see the class docstring for cancellation."""
+        self._live += 1
+        if self._background is not None:  # a caller is waiting: the summary goes back in line
+            for flag in self._background:
+                flag.set()
+        try:
+            async for text in self._stream(messages, max_tokens, threading.Event()):
+                yield text
+        finally:
+            self._live -= 1
+
+    async def _stream(
+        self, messages: Sequence[ChatMessage], max_tokens: int | None,
+        cancelled: threading.Event,
+    ) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
-        cancelled = threading.Event()
 
         def emit(item: object) -> None:
             try:
@@ -179,6 +203,22 @@ class LlamaCppLlm:
     async def complete(
         self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None
     ) -> str:
-        """The whole reply at once (call summaries)."""
-        parts = [text async for text in self.stream(messages, max_tokens=max_tokens)]
-        return "".join(parts).strip()
+        """The whole reply at once, as background work (call summaries): after the live
+        replies, and again from the start when one interrupts it."""
+        while True:
+            # Polled, not an asyncio.Event: the engine outlives event loops (one per test),
+            # and background work can afford 50 ms.
+            while self._live or self._background is not None:  # noqa: ASYNC110
+                await asyncio.sleep(BACKGROUND_POLL_S)
+            cancel, preempted = threading.Event(), threading.Event()
+            self._background = (cancel, preempted)
+            try:
+                parts = [text async for text in self._stream(messages, max_tokens, cancel)]
+            except EngineError:
+                if not preempted.is_set():
+                    raise
+            finally:
+                self._background = None
+            if not preempted.is_set():
+                return "".join(parts).strip()
+            self.preemptions += 1

@@ -91,3 +91,25 @@ async def test_model_error_becomes_engine_error(llm: LlamaCppLlm) -> None:
     with pytest.raises(EngineError) as caught:
         [delta async for delta in llm.stream(too_long)]
     assert caught.value.stage == "llm"
+
+
+async def test_a_live_reply_goes_before_a_summary_and_the_summary_still_finishes(
+    llm: LlamaCppLlm,
+) -> None:
+    """One model, one generation at a time: a caller must not wait behind a call summary."""
+    counting = [ChatMessage("user", "Count from 1 to 200, separated by commas.")]
+    summary = asyncio.create_task(llm.complete(counting, max_tokens=200))
+    while llm._background is None:  # noqa: ASYNC110 (the summary is generating)
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    before = llm.preemptions
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    reply = llm.stream(MESSAGES)
+    await reply.__anext__()  # the caller's first token: it did not wait for the summary
+    first_token_s = loop.time() - asked
+    await reply.aclose()
+    assert not summary.done()
+    text = await asyncio.wait_for(summary, 60)
+    assert "1" in text and llm.preemptions == before + 1
+    assert first_token_s < 1.0, first_token_s  # a whole summary takes seconds
