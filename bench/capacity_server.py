@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -89,6 +90,8 @@ class BenchStats:
         self.work_max = 0.0
         self.slow = 0  # frames whose own processing took over 20 ms (an await that stalled)
         self.loop_lags: list[float] = []
+        self.gc_s = 0.0  # time in the cyclic garbage collector (it stops the event loop)
+        self.gc_max = 0.0
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu0 = usage.ru_utime + usage.ru_stime
         self.t0 = time.monotonic()
@@ -125,7 +128,17 @@ class BenchStats:
             "loop_lags": self.loop_lags,
             "active_calls": active_calls,
             "max_rss_mb": usage.ru_maxrss / 1024,
+            "gc_s": self.gc_s,
+            "gc_max_ms": self.gc_max * 1000,
         }
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+            return
+        took = time.perf_counter() - getattr(self, "_gc_t0", time.perf_counter())
+        self.gc_s += took
+        self.gc_max = max(self.gc_max, took)
 
 
 def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
@@ -163,10 +176,13 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         else None,
         "active_calls": sum(s["active_calls"] for s in snapshots),
         "max_rss_mb": round(max((s["max_rss_mb"] for s in snapshots), default=0.0), 1),
+        "gc_ms": round(1000 * sum(s.get("gc_s", 0.0) for s in snapshots), 1),
+        "gc_max_ms": round(max((s.get("gc_max_ms", 0.0) for s in snapshots), default=0.0), 1),
     }
 
 
 STATS = BenchStats(float(os.environ.get("BENCH_LATE_MS", "60")))
+gc.callbacks.append(STATS.on_gc)
 
 
 class InstrumentedStream(TwilioStream):

@@ -1,0 +1,48 @@
+"""The echo guard's cheap arithmetic agrees with the obvious (slow) one."""
+
+import numpy as np
+
+from pipeline.echo_guard import EchoGuard, _fit_fir
+
+
+def test_the_fir_fit_from_correlations_matches_least_squares() -> None:
+    rng = np.random.default_rng(7)
+    samples, taps = 3072, 48
+    ref = rng.normal(0, 0.1, samples + taps - 1).astype(np.float32)
+    matrix = np.lib.stride_tricks.sliding_window_view(ref, taps)[:samples]
+    near = (matrix @ rng.normal(0, 0.2, taps) + rng.normal(0, 0.01, samples)).astype(np.float32)
+    expected, *_ = np.linalg.lstsq(matrix.astype(np.float64), near.astype(np.float64),
+                                   rcond=None)
+    solution, left = _fit_fir(ref, near)
+    assert np.allclose(solution, expected, atol=1e-6)
+    residual = near - matrix @ expected
+    assert abs(left - float(np.dot(residual, residual))) < 1e-3 * left
+
+
+def test_a_pure_tone_from_the_bot_still_fits() -> None:
+    # One sine is a rank-2 reference: the normal equations are singular without the ridge.
+    taps, samples = 48, 3072
+    ref = (0.3 * np.sin(2 * np.pi * 440 * np.arange(samples + taps - 1) / 8000)).astype(
+        np.float32)
+    matrix = np.lib.stride_tricks.sliding_window_view(ref, taps)[:samples]
+    near = (0.2 * matrix[:, 10] - 0.1 * matrix[:, 11]).astype(np.float32)
+    solution, left = _fit_fir(ref, near)
+    assert np.all(np.isfinite(solution))
+    assert left < 1e-6 * float(np.dot(near, near))
+
+
+def test_the_rings_wrap_around_like_modular_indexing() -> None:
+    guard = EchoGuard(history_s=0.1)  # 800 samples: these spans wrap
+    rng = np.random.default_rng(3)
+    timeline = np.zeros(4000, dtype=np.float32)
+    at = 0
+    for size in (300, 700, 1, 799, 800, 1234, 5):
+        samples = rng.normal(0, 1, size).astype(np.float32)
+        guard._write(guard._ref, at, samples)
+        timeline[at:at + size] = samples
+        at += size
+        for start in (s for s in (at - 800, at - 500, at - 7) if s >= 0):
+            assert np.array_equal(guard._span(guard._ref, start, at), timeline[start:at])
+    guard._fill(guard._ref, at - 650, at - 20)
+    timeline[at - 650:at - 20] = 0.0
+    assert np.array_equal(guard._span(guard._ref, at - 800, at), timeline[at - 800:at])
