@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 
 from pipeline.conversation import Engines
 from pipeline.events import CallEnded, CallEvent, PipelineEvent, TurnMetrics, UtteranceDone
+from telephony.simulator import CallerTurn, SimulatedCaller, SimulationResult
 from tests.fakes.openai_server import FakeOpenAi, RecordedRequest
 from voicebot.app import create_app
 from voicebot.local_server import running_server
@@ -52,6 +55,14 @@ class Served:
     def call_events(self, call_sid: str, type_: str) -> list[CallEvent]:
         return [e for e in self.events
                 if isinstance(e, CallEvent) and e.call_sid == call_sid and e.type == type_]
+
+    async def call(self, fixtures_dir: Path, *wavs: str, pace: float = 3.0,
+                   **caller: Any) -> tuple[SimulatedCaller, SimulationResult]:
+        """One simulated call saying the fixture WAVs `wavs` in turn, until it has ended."""
+        simulated = SimulatedCaller(self.media_url, pace=pace, **caller)
+        result = await simulated.run([CallerTurn(wav=str(fixtures_dir / w)) for w in wavs])
+        await self.ended(simulated.call_sid)
+        return simulated, result
 
     async def ended(self, call_sid: str, wait_s: float = 10.0) -> CallEnded:
         event = await self.wait_for(

@@ -32,12 +32,7 @@ async def test_multi_turn_call_is_heard_answered_and_remembered(
         default_reply="Okay.",
     )
     async with serving(settings, engines) as served:
-        caller = SimulatedCaller(served.media_url, pace=3.0)
-        result = await caller.run([
-            CallerTurn(wav=str(fixtures_dir / "open_hours.wav")),
-            CallerTurn(wav=str(fixtures_dir / "book_table.wav")),
-        ])
-        await served.ended(caller.call_sid)
+        caller, result = await served.call(fixtures_dir, "open_hours.wav", "book_table.wav")
 
     said = [(u.role, u.text) for u in served.utterances(caller.call_sid)]
     caller_lines = [text.lower() for role, text in said if role == "caller"]
@@ -133,12 +128,7 @@ async def test_llm_failure_mid_call_plays_an_apology_and_the_call_goes_on(
         Rule(when="table", reply="Booked for two."),
     )
     async with serving(settings, engines) as served:
-        caller = SimulatedCaller(served.media_url, pace=3.0)
-        result = await caller.run([
-            CallerTurn(wav=str(fixtures_dir / "open_hours.wav")),
-            CallerTurn(wav=str(fixtures_dir / "book_table.wav")),
-        ])
-        await served.ended(caller.call_sid)
+        caller, result = await served.call(fixtures_dir, "open_hours.wav", "book_table.wav")
     assert all(t.latency_ms is not None for t in result.turns)  # never dead air
     bot = [u.text for u in served.utterances(caller.call_sid) if u.role == "bot"]
     assert bot[1] == settings.apology
@@ -277,12 +267,7 @@ async def test_stt_or_tts_failure_mid_call_plays_an_apology_and_the_call_goes_on
         served.app.state.services.engines = dataclasses.replace(
             engines, **{stage: failing})
         failing.arm()
-        caller = SimulatedCaller(served.media_url, pace=3.0)
-        result = await caller.run([
-            CallerTurn(wav=str(fixtures_dir / "open_hours.wav")),
-            CallerTurn(wav=str(fixtures_dir / "book_table.wav")),
-        ])
-        await served.ended(caller.call_sid)
+        caller, result = await served.call(fixtures_dir, "open_hours.wav", "book_table.wav")
     assert all(t.latency_ms is not None for t in result.turns)  # never dead air
     bot = [u.text for u in served.utterances(caller.call_sid) if u.role == "bot"]
     assert settings.apology in bot
