@@ -25,6 +25,7 @@ from media.resample import StreamResampler
 from media.vad import SAMPLE_RATE, WINDOW, Vad
 
 WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms
+_INT16_SCALE = np.float32(1.0 / 32768.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +140,11 @@ class Listener:
     def feed(self, pcm8k: np.ndarray, now: float | None = None) -> list[ListenerEvent]:
         """Feed one frame of 8 kHz int16 audio; returns the events it caused."""
         now = time.monotonic() if now is None else now
-        audio = self._resampler.process(pcm8k.astype(np.float32) * (1.0 / 32768.0))
+        audio = self._resampler.process(np.multiply(pcm8k, _INT16_SCALE, dtype=np.float32))
+        if not audio.size:
+            # The resampler hands its output over in blocks (about every fifth frame): until
+            # then there is no new window, and the pending samples stay as they are.
+            return []
         if self._pending.size:
             audio = np.concatenate((self._pending, audio))
         events: list[ListenerEvent] = []
