@@ -46,6 +46,7 @@ from media.audiofile import read_wav  # noqa: E402
 from media.mulaw import pcm16_to_ulaw, ulaw_to_pcm16  # noqa: E402
 from media.vad import SileroSession, SileroVad  # noqa: E402
 from pipeline.echo_guard import EchoGuard  # noqa: E402
+from pipeline.engines import quick_transcriber  # noqa: E402
 from pipeline.listener import EndpointConfig, Listener  # noqa: E402
 from pipeline.turn_detector import SmartTurnModel, TurnDetector, smart_turn_model_path  # noqa: E402
 from pipeline.turn_taking import (  # noqa: E402
@@ -141,8 +142,7 @@ class OfflineCall:
     def _stt(self, audio: np.ndarray, now: float, deliver: Callable[[str, float], list],
              partial: bool = False) -> None:
         stt = self.models.stt
-        transcribe = getattr(stt, "transcribe_partial", stt.transcribe) if partial else \
-            stt.transcribe  # type: ignore[attr-defined]
+        transcribe = quick_transcriber(stt) if partial else stt.transcribe  # type: ignore[arg-type,attr-defined]
         start = time.perf_counter()
         text = transcribe(audio)
         took = time.perf_counter() - start if self.fixed is None else self.fixed[0] / 1000

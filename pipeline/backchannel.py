@@ -153,8 +153,8 @@ class BargeInTracker:
     def _listening(self) -> bool:
         """The latest words were a backchannel or only function words ("and then": Whisper's
         guess at the start of a hum): no sign of an interruption yet."""
-        return self.words is not None and (
-            self._backchannel or classify_interjection(self.words) == "words")
+        return self.words is not None and classify_interjection(self.words) in (
+            "backchannel", "words")
 
     @property
     def _echo(self) -> bool:

@@ -33,9 +33,7 @@ from media.mulaw import ulaw_to_pcm16
 from pipeline.call_control import CallControl, Intent, detect_intent
 from pipeline.call_setup import CallInfo, ConversationConfig, Engines
 from pipeline.echo_guard import EchoGuard
-from pipeline.engines import (
-    EngineError,
-)
+from pipeline.engines import EngineError, quick_transcriber
 from pipeline.events import (
     CallEnded,
     CallEvent,
@@ -237,8 +235,7 @@ class Conversation(TurnActions, Speaking):
     def _transcribe_task(self, audio: np.ndarray, quick: bool = False
                          ) -> asyncio.Task[tuple[str, float]]:
         stt = self._engines.stt
-        transcribe = getattr(stt, "transcribe_partial", stt.transcribe) if quick else \
-            stt.transcribe
+        transcribe = quick_transcriber(stt) if quick else stt.transcribe
 
         async def run() -> tuple[str, float]:
             start = time.monotonic()

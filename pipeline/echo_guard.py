@@ -225,9 +225,14 @@ class EchoGuard:
             return (pcm8k * 0.05).astype(np.int16)
         return pcm8k
 
+    def _first_tap(self, start: int) -> int:
+        """Timeline index of the oldest reference sample the filter uses for inbound
+        sample `start` (at the current lag)."""
+        return start - self._lag - (self.taps - self.pre) + 1
+
     def _matrix(self, start: int, n: int) -> np.ndarray:
         """Reference rows for inbound samples [start, start + n): one column per tap."""
-        first = start - self._lag - (self.taps - self.pre) + 1
+        first = self._first_tap(start)
         ref = self._reference(first, start + n - self._lag + self.pre)
         windows = np.lib.stride_tricks.sliding_window_view(ref, self.taps)
         return windows[:n]
@@ -254,7 +259,7 @@ class EchoGuard:
             return  # the caller is talking (or the path changed): keep the last good fit
         previous = self._lag
         self._lag = lag
-        first = end - fit - lag - (self.taps - self.pre) + 1
+        first = self._first_tap(end - fit)
         solution, left = _fit_fir(self._reference(first, first + fit + self.taps - 1), near)
         if left > float(np.dot(near, near)) * 10 ** (-MIN_FIT_DB / 10):
             self._lag = previous  # explains too little to be our echo: keep the last fit

@@ -6,7 +6,7 @@ conversation only sees these interfaces. Heavy engines load in the app lifespan,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -61,6 +61,12 @@ class SpeechToText(Protocol):
     name: str
 
     def transcribe(self, audio: np.ndarray) -> str: ...
+
+
+def quick_transcriber(stt: SpeechToText) -> Callable[[np.ndarray], str]:
+    """The engine's fast path for a sound still going on (`transcribe_partial`: Whisper's
+    short window with no full-window redo), or `transcribe` for engines without one."""
+    return getattr(stt, "transcribe_partial", stt.transcribe)
 
 
 class LanguageModel(Protocol):

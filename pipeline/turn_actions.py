@@ -18,9 +18,7 @@ import anyio
 import numpy as np
 
 from pipeline.call_control import detect_intent
-from pipeline.engines import (
-    EngineError,
-)
+from pipeline.engines import EngineError, quick_transcriber
 from pipeline.events import (
     CallEvent,
 )
@@ -110,10 +108,9 @@ class TurnActions:
 
     async def _partial(self, action: Transcribe) -> None:
         """A quick transcript of a sound over the bot: words, or a backchannel?"""
-        stt = self._engines.stt
-        quick = getattr(stt, "transcribe_partial", stt.transcribe)
         try:
-            text = await anyio.to_thread.run_sync(quick, action.audio,
+            text = await anyio.to_thread.run_sync(quick_transcriber(self._engines.stt),
+                                                  action.audio,
                                                   limiter=self._engines.partial_limiter)
         except EngineError as exc:
             log.warning("partial stt failed call_sid=%s: %s", self.call.call_sid, exc)

@@ -294,8 +294,6 @@ class TwilioStream:
         except TimeoutError:
             self.end("send_timeout")
             raise SendTimeout(self._send_timeout_s or 0.0) from None
-        except PeerDisconnected:
-            raise
         except (WebSocketDisconnect, WebSocketDisconnected) as exc:
             # WebSocketDisconnected: an earlier send already found the peer gone.
             raise PeerDisconnected(getattr(exc, "code", 1006)) from None

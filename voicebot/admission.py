@@ -259,19 +259,19 @@ class Admission:
             active = await self._count_for_check()
             reason = "full" if active >= self.limit else None
         if reason is not None:
-            self._refused(where, reason)
+            self.note_refusal(where, reason)
         return reason
 
     async def admit(self, where: str = "media") -> Lease:
         """Take a line for a new call or raise `Refused`."""
         reason = self._check()
         if reason is not None:
-            self._refused(where, reason)
+            self.note_refusal(where, reason)
             raise Refused(reason)
         token = self._prefix + uuid.uuid4().hex[:16]
         lease = await self._acquire(token)
         if lease is None:
-            self._refused(where, "full")
+            self.note_refusal(where, "full")
             raise Refused("full")
         self._leases[token] = lease
         self._idle.clear()
@@ -309,10 +309,7 @@ class Admission:
         return self.local_active
 
     def note_refusal(self, where: str, reason: RefusalReason) -> None:
-        """Count (and log the first few of) a refusal decided elsewhere."""
-        self._refused(where, reason)
-
-    def _refused(self, where: str, reason: RefusalReason) -> None:
+        """Count (and log the first few of) a refusal, here or decided elsewhere."""
         key = f"{where}:{reason}"
         self.refusals[key] += 1
         count = self.refusals[key]

@@ -151,9 +151,9 @@ class Settings(BaseSettings):
     @classmethod
     def _tools_need_a_tool_calling_llm(cls, value: str, info: ValidationInfo) -> str:
         data = info.data
-        local = not (data.get("llm_provider") or data.get("llm_base_url")
-                     or data.get("llm_api_key")) or data.get("llm_provider") == "local"
-        if value == "on" and local:
+        provider = resolve_llm_provider(data.get("llm_provider"), data.get("llm_base_url"),
+                                        data.get("llm_api_key"))
+        if value == "on" and provider == "local":
             raise ValueError("'on' needs an OpenAI-compatible LLM (LLM_BASE_URL or "
                              "LLM_API_KEY): the local model has no function calling; "
                              "use 'auto' (phrases for the local model) or 'off'")
@@ -196,13 +196,7 @@ class Settings(BaseSettings):
     def resolved_llm_provider(self) -> LlmProvider:
         """The LLM provider in use: explicit, else "compatible" when a base URL is given,
         else "openai" when only a key is given, else the embedded local model."""
-        if self.llm_provider:
-            return self.llm_provider
-        if self.llm_base_url:
-            return "compatible"
-        if self.llm_api_key:
-            return "openai"
-        return "local"
+        return resolve_llm_provider(self.llm_provider, self.llm_base_url, self.llm_api_key)
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -210,6 +204,19 @@ class Settings(BaseSettings):
             return None
         path = self.database_url.split(":///", 1)[-1]
         return None if path in ("", ":memory:") else Path(path)
+
+
+def resolve_llm_provider(provider: LlmProvider | None, base_url: str | None,
+                         api_key: str | None) -> LlmProvider:
+    """Explicit, else "compatible" when a base URL is given, else "openai" when only a key
+    is given, else the embedded local model."""
+    if provider:
+        return provider
+    if base_url:
+        return "compatible"
+    if api_key:
+        return "openai"
+    return "local"
 
 
 def load_settings(**overrides: object) -> Settings:
