@@ -23,6 +23,8 @@ to bench/results/capacity_media.json.
 
     .venv/bin/python bench/capacity_media.py                  # 10, 25, 50, ... until failure
     .venv/bin/python bench/capacity_media.py --steps 50 100 --duration 20
+    .venv/bin/python bench/capacity_media.py --noise-dbfs -45      # hiss: the VAD scores all
+    .venv/bin/python bench/capacity_media.py --speech-every-s 0    # silence: no turns at all
 """
 
 from __future__ import annotations
@@ -148,7 +150,9 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
         wait_ready(port, server)
         load_cmd = [sys.executable, str(ROOT / "bench" / "media_load.py"),
                     "--url", f"ws://127.0.0.1:{port}/twilio/media",
-                    "--duration", str(args.duration), "--ramp-s", str(max(3.0, n / 100))]
+                    "--duration", str(args.duration), "--ramp-s", str(max(3.0, n / 100)),
+                    "--speech-every-s", str(args.speech_every_s),
+                    *(["--noise-dbfs", str(args.noise_dbfs)] if args.noise_dbfs is not None else [])]
         generators = max(1, min(args.generators, n // 50 or 1))
         per = [n // generators + (1 if i < n % generators else 0) for i in range(generators)]
         marks = ["--stats-dir", str(stats_dir)]
@@ -208,6 +212,7 @@ def summarize(n: int, outputs: list[dict], window: dict, final: dict) -> dict:  
         "generator_cpu_s": round(sum(float(o.get("generator_cpu_s") or 0.0) for o in outputs), 1),
         "closed_early": total["closed_early"],
         "replies": total["replies"],
+        "cpu_s_per_worker": window.get("cpu_s_per_worker"),
         "window_s": window_s,
     }
     result["ok"] = (total["frames_sent"] > 0 and dropped == 0 and late == 0 and total["underruns"] == 0
@@ -239,6 +244,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="steady window, s")
     parser.add_argument("--late-ms", type=float, default=60.0,
                         help="an inbound frame processed later than this is late")
+    parser.add_argument("--speech-every-s", type=float, default=8.0,
+                        help="each call says a sentence this often (0: silence only)")
+    parser.add_argument("--noise-dbfs", type=float,
+                        help="line hiss at this level on every call (-45: the VAD model "
+                             "scores every window); default digital silence between sentences")
     parser.add_argument("--vad", choices=["silero", "energy"], default="silero")
     parser.add_argument("--generators", type=int, default=1, help="load processes")
     parser.add_argument("--database-url", help="default: a fresh SQLite file per step")

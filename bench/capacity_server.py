@@ -175,6 +175,7 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         "loop_lag_p99_ms": round(loops[int(0.99 * (len(loops) - 1))] * 1000, 1) if loops
         else None,
         "active_calls": sum(s["active_calls"] for s in snapshots),
+        "cpu_s_per_worker": sorted(round(s["cpu_s"], 2) for s in snapshots),
         "max_rss_mb": round(max((s["max_rss_mb"] for s in snapshots), default=0.0), 1),
         "gc_ms": round(1000 * sum(s.get("gc_s", 0.0) for s in snapshots), 1),
         "gc_max_ms": round(max((s.get("gc_max_ms", 0.0) for s in snapshots), default=0.0), 1),
@@ -265,8 +266,7 @@ def app_from_env() -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[Any]:
         async with inner(app) as state:
             if not record:  # to see what storing calls costs: drop the recorder's subscription
-                bus = app.state.services.bus
-                bus._subscribers = [s for s in bus._subscribers if s[0] != "db"]
+                app.state.services.bus.unsubscribe("db")
             tasks = [asyncio.create_task(_report_loop(app, directory)),
                      asyncio.create_task(_loop_lag_monitor())]
             try:

@@ -38,15 +38,29 @@ MASK = b"\x00\x00\x00\x00"
 REPLY_GAP_S = 0.5  # media arriving this long after the buffer ran dry starts a new reply
 
 
-def script_payloads(wav: Path, speech_every_s: float) -> list[str]:
-    """One call's cycle as base64 μ-law frames: silence, then the WAV, repeated."""
-    from media.mulaw import ulaw_silence
+def script_payloads(wav: Path, speech_every_s: float,
+                    noise_dbfs: float | None = None) -> list[str]:
+    """One call's cycle as base64 μ-law frames: silence, then the WAV, repeated.
+
+    The silence is digital (what Twilio sends for a muted or quiet line), or with
+    `noise_dbfs` a line hiss at that level, on every frame (added to the speech too): above
+    the VAD's -50 dBFS gate, it makes the model score every window, as on a noisy line."""
+    import numpy as np
+
+    from media.mulaw import pcm16_to_ulaw, ulaw_silence
     from telephony.simulator import wav_to_frames
 
-    speech = [base64.b64encode(f).decode() for f in wav_to_frames(wav)]
-    quiet = base64.b64encode(ulaw_silence(20)).decode()
-    gap = max(0, int(speech_every_s / FRAME_S) - len(speech))
-    return [quiet] * gap + speech
+    speech = list(wav_to_frames(wav))
+    gap = max(0, int(speech_every_s / FRAME_S) - len(speech)) if speech_every_s > 0 else 1
+    frames = [ulaw_silence(20)] * gap + (speech if speech_every_s > 0 else [])
+    if noise_dbfs is not None:
+        from media.mulaw import ulaw_to_pcm16
+
+        rng = np.random.default_rng(7)
+        amplitude = 32768 * 10 ** (noise_dbfs / 20)
+        frames = [pcm16_to_ulaw(np.clip(ulaw_to_pcm16(f) + rng.normal(0, amplitude, 160),
+                                        -32768, 32767).astype(np.int16)) for f in frames]
+    return [base64.b64encode(f).decode() for f in frames]
 
 
 def ws_frame(text: str, opcode: int = 0x1) -> bytes:
@@ -373,10 +387,11 @@ class LoadGenerator:
 
 
 async def run_load(url: str, calls: int, duration_s: float, *, ramp_s: float, wav: Path,
-                   speech_every_s: float, stats_dir: str | None) -> dict[str, object]:
+                   speech_every_s: float, stats_dir: str | None,
+                   noise_dbfs: float | None = None) -> dict[str, object]:
     """Run the load. With `stats_dir`, mark the steady window for the bench server's workers
     (they reset their counters on `reset` and write their final numbers on `end`)."""
-    payloads = script_payloads(wav, speech_every_s)
+    payloads = script_payloads(wav, speech_every_s, noise_dbfs)
     generator = LoadGenerator(url, calls, ramp_s=ramp_s, payloads=payloads)
 
     def mark(name: str) -> None:
@@ -398,6 +413,7 @@ async def run_load(url: str, calls: int, duration_s: float, *, ramp_s: float, wa
 async def _main(args: argparse.Namespace) -> dict[str, object]:
     return await run_load(args.url, args.calls, args.duration, ramp_s=args.ramp_s,
                           wav=Path(args.wav), speech_every_s=args.speech_every_s,
+                          noise_dbfs=args.noise_dbfs,
                           stats_dir=args.stats_dir)
 
 
@@ -409,6 +425,8 @@ def main() -> None:
     parser.add_argument("--ramp-s", type=float, default=5.0)
     parser.add_argument("--wav", default=str(ROOT / "tests" / "fixtures" / "open_hours.wav"))
     parser.add_argument("--speech-every-s", type=float, default=8.0)
+    parser.add_argument("--noise-dbfs", type=float, help="line hiss at this level (default: "
+                        "digital silence between the sentences)")
     parser.add_argument("--stats-dir", help="the bench server's BENCH_DIR")
     args = parser.parse_args()
     try:

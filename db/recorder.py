@@ -1,11 +1,15 @@
 """Writes pipeline events to the database as they happen, and never loses what was said.
 
-`CallRecorder.handle` is an `EventBus` subscriber: it runs in the bus's own task, behind its
-own queue, so the audio loop never waits on it. Each event is written (and committed) on its
-own. When the database is unreachable the write is retried a few times with backoff; then the
-event goes to an on-disk spool (`db.spool.EventSpool`) and every later event follows it there,
-so the order of a call's events is kept. A background loop replays the spool, in order, once
-the database answers again (and at start-up, for what a previous run left behind).
+`CallRecorder.handle_batch` is a batched `EventBus` subscriber: it runs in the bus's own task,
+behind its own queue, so the audio loop never waits on it. Whatever waited in the queue (up to
+the bus's bound) is written in order in one transaction; one event alone is written at once.
+When the database refuses one event of a batch (bad data, not an outage), the batch is written
+again one event at a time, so only that one is refused: it is kept aside in the spool's reject
+file. When the database is unreachable the write is retried a few times with backoff; then
+the events not written go to an on-disk spool (`db.spool.EventSpool`) and every later event
+follows them there, so the order of a call's events is kept. A background loop replays the
+spool, in order and in batches the same way, once the database answers again (and at start-up,
+for what a previous run left behind).
 
 If the spool's disk refuses a write too (full, read-only), events wait in memory instead
 (bounded by `max_memory_events`), after what waits on disk and in the same order; they are
@@ -16,21 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 from db.engine import is_outage
 from db.repository import CallRepository
 from db.spool import DEFAULT_MAX_BYTES, EventSpool
-from pipeline.events import (
-    CallEnded,
-    CallEvent,
-    CallStarted,
-    PipelineEvent,
-    TurnMetrics,
-    UtteranceDone,
-)
+from pipeline.events import DEFAULT_MAX_BATCH, PipelineEvent
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ DEFAULT_SPOOL_DIR = Path("data/spool")
 
 
 class CallRecorder:
-    """Stores each pipeline event; spools to disk while the database is down."""
+    """Stores pipeline events, in batches; spools to disk while the database is down."""
 
     def __init__(
         self,
@@ -51,6 +50,7 @@ class CallRecorder:
         replay_interval_s: float = 2.0,
         max_spool_bytes: int = DEFAULT_MAX_BYTES,
         max_memory_events: int = 100_000,
+        batch_size: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.repository = repository
         self.spool = EventSpool(spool_dir, max_spool_bytes)
@@ -58,6 +58,7 @@ class CallRecorder:
         self._backoff_s = backoff_s
         self._write_timeout_s = write_timeout_s
         self._replay_interval_s = replay_interval_s
+        self._batch_size = batch_size  # most events a replay writes in one transaction
         self._spooling = False
         self._order = asyncio.Lock()  # guards "spooling?" together with the spool's tail
         self._replay_lock = asyncio.Lock()
@@ -105,31 +106,34 @@ class CallRecorder:
             self._memory.popleft()
 
     async def handle(self, event: PipelineEvent) -> None:
-        """Store one event (the `EventBus` subscriber)."""
+        """Store one event (a per-event `EventBus` subscriber)."""
+        await self.handle_batch([event])
+
+    async def handle_batch(self, events: Sequence[PipelineEvent]) -> None:
+        """Store events in order, in one transaction when they can be (the batched
+        `EventBus` subscriber)."""
         async with self._order:
             if self._spooling:
-                await self._to_spool(event)
+                await self._to_spool(events)
                 return
-        try:
-            await self._write_with_retries(event)
-        except Exception as exc:
-            if not is_outage(exc):
-                await self._reject(event, exc)
-                return
-            log.warning(
-                "database unreachable (%s); spooling events, call_sid=%s",
-                type(exc).__name__,
-                event.call_sid,
-            )
-            async with self._order:
-                self._set_spooling(True)
-                await self._to_spool(event)
+        stored, outage = await self._store(events, self._attempts)
+        if outage is None:
+            return
+        rest = events[stored:]
+        log.warning(
+            "database unreachable (%s); spooling events, call_sid=%s",
+            type(outage).__name__,
+            rest[0].call_sid,
+        )
+        async with self._order:
+            self._set_spooling(True)
+            await self._to_spool(rest)
 
     async def replay(self) -> bool:
         """Write spooled events in order; True once the spool is empty, False on an outage."""
         async with self._replay_lock:
             while True:
-                batch = await asyncio.to_thread(self.spool.peek, 100)
+                batch = await asyncio.to_thread(self.spool.peek, self._batch_size)
                 if not batch:
                     if not await self._replay_memory():
                         return False
@@ -140,25 +144,11 @@ class CallRecorder:
                             log.info("spool replayed; writing to the database again")
                         self._set_spooling(False)
                         return True
-                done = 0
-                try:
-                    for offset, event in batch:
-                        if event is not None:
-                            try:
-                                await self._write(event)
-                            except Exception as exc:
-                                if is_outage(exc):
-                                    raise
-                                await self._reject(event, exc)
-                        done = offset
-                except Exception:
+                events = [event for _, event in batch if event is not None]
+                stored, outage = await self._store(events, attempts=1)
+                await self._consume(_offset_after(batch, stored))
+                if outage is not None:
                     return False
-                finally:
-                    if done:
-                        try:
-                            await asyncio.to_thread(self.spool.consume, done)
-                        except OSError as exc:  # replayed again later: writes are idempotent
-                            log.error("spool: could not record replay progress: %s", exc)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -182,7 +172,11 @@ class CallRecorder:
             except Exception:
                 log.exception("spool replay failed")
 
-    async def _to_spool(self, event: PipelineEvent) -> None:
+    async def _to_spool(self, events: Sequence[PipelineEvent]) -> None:
+        for event in events:
+            await self._spool_one(event)
+
+    async def _spool_one(self, event: PipelineEvent) -> None:
         # Once an event waits in memory, the ones after it wait there too: order is kept.
         if not self._memory:
             try:
@@ -197,18 +191,49 @@ class CallRecorder:
             return
         self._memory.append(event)
 
+    async def _consume(self, offset: int) -> None:
+        if not offset:
+            return
+        try:
+            await asyncio.to_thread(self.spool.consume, offset)
+        except OSError as exc:  # replayed again later: writes are idempotent
+            log.error("spool: could not record replay progress: %s", exc)
+
     async def _replay_memory(self) -> bool:
         """Write the events waiting in memory, in order; False on an outage."""
         while self._memory:
-            event = self._memory[0]
-            try:
-                await self._write(event)
-            except Exception as exc:
-                if is_outage(exc):
-                    return False
-                await self._reject(event, exc)
-            self._memory.popleft()
+            batch = list(itertools.islice(self._memory, self._batch_size))
+            stored, outage = await self._store(batch, attempts=1)
+            for _ in range(stored):
+                self._memory.popleft()
+            if outage is not None:
+                return False
         return True
+
+    async def _store(
+        self, events: Sequence[PipelineEvent], attempts: int
+    ) -> tuple[int, Exception | None]:
+        """Write `events` in order: in one transaction, or one by one when the database
+        refuses one of them (kept aside, not retried). Returns how many were dealt with and,
+        when an outage stopped the rest, the outage."""
+        if not events:
+            return 0, None
+        try:
+            await self._write(events, attempts)
+            return len(events), None
+        except Exception as exc:
+            if is_outage(exc):
+                return 0, exc
+            if len(events) == 1:
+                await self._reject(events[0], exc)
+                return 1, None
+            log.warning("database refused a batch of %d events (%s); writing them one by one",
+                        len(events), type(exc).__name__)
+        for done, event in enumerate(events):
+            _, outage = await self._store([event], attempts)
+            if outage is not None:
+                return done, outage
+        return len(events), None
 
     async def _reject(self, event: PipelineEvent, exc: Exception) -> None:
         log.error(
@@ -219,53 +244,27 @@ class CallRecorder:
         except OSError as disk:
             log.error("could not keep the refused %s either: %s", event.kind, disk)
 
-    async def _write_with_retries(self, event: PipelineEvent) -> None:
-        for attempt in range(self._attempts):
+    async def _write(self, events: Sequence[PipelineEvent], attempts: int) -> None:
+        """One transaction; tried `attempts` times (with backoff) while the database is out."""
+        for attempt in range(attempts):
             try:
-                await self._write(event)
+                async with asyncio.timeout(self._write_timeout_s):
+                    await self.repository.write_events(events)
                 return
             except Exception as exc:
-                if not is_outage(exc) or attempt == self._attempts - 1:
+                if not is_outage(exc) or attempt == attempts - 1:
                     raise
                 await asyncio.sleep(self._backoff_s * 2**attempt)
 
-    async def _write(self, event: PipelineEvent) -> None:
-        async with asyncio.timeout(self._write_timeout_s):
-            await self._dispatch(event)
 
-    async def _dispatch(self, event: PipelineEvent) -> None:
-        repo = self.repository
-        match event:
-            case CallStarted():
-                await repo.start_call(
-                    event.call_sid,
-                    started_at=event.started_at,
-                    stream_sid=event.stream_sid,
-                    from_number=event.from_number,
-                    to_number=event.to_number,
-                    direction=event.direction,
-                )
-            case UtteranceDone():
-                await repo.add_utterance(
-                    event.call_sid,
-                    turn=event.turn,
-                    role=event.role,
-                    text=event.text,
-                    started_at=event.started_at,
-                    ended_at=event.ended_at,
-                    generated_text=event.generated_text,
-                    interrupted=event.interrupted,
-                )
-            case TurnMetrics():
-                parts = {
-                    name: getattr(event, name)
-                    for name in event.__dataclass_fields__
-                    if name.endswith("_ms")
-                }
-                await repo.add_metrics(event.call_sid, event.turn, parts)
-            case CallEvent():
-                await repo.add_event(event.call_sid, event.type, event.detail, event.at)
-            case CallEnded():
-                await repo.finalize_call(
-                    event.call_sid, ended_at=event.ended_at, reason=event.reason
-                )
+def _offset_after(batch: Sequence[tuple[int, PipelineEvent | None]], handled: int) -> int:
+    """The spool offset just past the first `handled` events of `batch` and the corrupt lines
+    that follow them (0: nothing to consume)."""
+    offset = 0
+    for end, event in batch:
+        if event is not None:
+            if handled == 0:
+                break
+            handled -= 1
+        offset = end
+    return offset

@@ -1,27 +1,24 @@
-"""Reading and writing calls: the only place that knows the tables.
+"""Reading and writing calls: the only place that knows the tables (with `db.writes`).
 
-Every write is its own short transaction. Writes for a call whose row does not exist yet (a
-status callback that beats the media stream, an utterance replayed from the spool) create the
-row first, so events may arrive in any order.
+Every write is one short transaction: one event, a status callback, or a batch of pipeline
+events (`write_events`: one commit for all of them). Writes for a call whose row does not exist
+yet (a status callback that beats the media stream, an utterance replayed from the spool)
+create the row first, so events may arrive in any order.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, delete, func, or_, select, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import session_factory
 from db.models import (
     CALL_STATUSES,
-    METRIC_FIELDS,
-    TERMINAL_STATUSES,
     Call,
     CallEventRow,
     TurnMetric,
@@ -36,9 +33,12 @@ from db.records import (
     MetricRecord,
     UtteranceRecord,
 )
+from db.writes import CallWrites, first_seen, utc
+from pipeline.events import PipelineEvent
 
-# Twilio's status callbacks may arrive out of order; a call's status never moves backwards.
-_STATUS_RANK = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3}
+T = TypeVar("T")
+# A write whose utterance number another writer took meanwhile is tried again, this often.
+_WRITE_TRIES = 3
 
 
 class CallNotFound(LookupError):
@@ -47,18 +47,6 @@ class CallNotFound(LookupError):
     def __init__(self, call_sid: str) -> None:
         self.call_sid = call_sid
         super().__init__(f"no call {call_sid!r}")
-
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _next_status(current: str, new: str) -> str:
-    if new in TERMINAL_STATUSES:
-        return new
-    if current in TERMINAL_STATUSES:
-        return current
-    return new if _STATUS_RANK.get(new, 0) >= _STATUS_RANK.get(current, 0) else current
 
 
 class CallRepository:
@@ -75,6 +63,22 @@ class CallRepository:
 
     # -- writes -------------------------------------------------------------------------
 
+    async def write_events(self, events: Sequence[PipelineEvent]) -> None:
+        """Store pipeline events, in order, in one transaction: all of them or none.
+
+        Each event is written as its own method below would write it (idempotent, creating
+        the call's row when missing), with one lock per call and one insert per table.
+        """
+        if not events:
+            return
+
+        async def write(writes: CallWrites) -> None:
+            await writes.read_existing(events)
+            for event in events:
+                await writes.apply(event)
+
+        await self._write(first_seen(events), write)
+
     async def start_call(
         self,
         call_sid: str,
@@ -86,27 +90,22 @@ class CallRepository:
         direction: str | None = None,
     ) -> None:
         """Record that the media stream started (the call is answered and in progress)."""
-        started_at = _utc(started_at)
-        async with self._sessions() as session, session.begin():
-            call = await self._upsert(session, call_sid, started_at)
-            call.stream_sid = stream_sid or call.stream_sid
-            self._fill_parties(call, from_number, to_number, direction)
-            call.started_at = min(call.started_at, started_at)
-            call.answered_at = call.answered_at or started_at
-            call.status = _next_status(call.status, "in-progress")
+        started_at = utc(started_at)
+
+        async def write(writes: CallWrites) -> None:
+            writes.start_call(call_sid, started_at=started_at, stream_sid=stream_sid,
+                              from_number=from_number, to_number=to_number, direction=direction)
+
+        await self._write({call_sid: started_at}, write)
 
     async def finalize_call(self, call_sid: str, *, ended_at: datetime, reason: str) -> None:
         """Record the end of the call as we saw it (stop, hangup, error...)."""
-        ended_at = _utc(ended_at)
-        async with self._sessions() as session, session.begin():
-            call = await self._upsert(session, call_sid, ended_at)
-            call.ended_at = call.ended_at or ended_at
-            call.end_reason = call.end_reason or reason
-            if call.duration_s is None:
-                since = call.answered_at or call.started_at
-                call.duration_s = round(max(0.0, (call.ended_at - since).total_seconds()), 3)
-            if call.status not in TERMINAL_STATUSES:
-                call.status = "completed"
+        ended_at = utc(ended_at)
+
+        async def write(writes: CallWrites) -> None:
+            writes.finalize_call(call_sid, ended_at=ended_at, reason=reason)
+
+        await self._write({call_sid: ended_at}, write)
 
     async def update_status(
         self,
@@ -122,21 +121,14 @@ class CallRepository:
         """Apply a Twilio status callback; Twilio's CallDuration wins over our own count."""
         if status not in CALL_STATUSES:
             raise ValueError(f"unknown call status {status!r}")
-        at = _utc(at) if at is not None else utcnow()
-        async with self._sessions() as session, session.begin():
-            call = await self._upsert(session, call_sid, at, status=status)
-            self._fill_parties(call, from_number, to_number, direction)
-            call.started_at = min(call.started_at, at)
-            call.status = _next_status(call.status, status)
-            if status == "in-progress":
-                call.answered_at = call.answered_at or at
-            if status in TERMINAL_STATUSES:
-                call.ended_at = call.ended_at or at
-                if status != "completed":
-                    call.end_reason = call.end_reason or status
-            if duration_s is not None:
-                call.duration_s = duration_s
-                call.started_at = min(call.started_at, at - timedelta(seconds=duration_s))
+        when = utc(at) if at is not None else utcnow()
+
+        async def write(writes: CallWrites) -> None:
+            writes.update_status(call_sid, status, at=when, duration_s=duration_s,
+                                 from_number=from_number, to_number=to_number,
+                                 direction=direction)
+
+        await self._write({call_sid: when}, write, status=status)
 
     async def add_utterance(
         self,
@@ -155,82 +147,36 @@ class CallRepository:
         Idempotent: the same utterance (call, role, turn, start) written twice, as after a
         spool replay whose first attempt did commit, is stored once.
         """
-        started_at, ended_at = _utc(started_at), _utc(ended_at)
-        for attempt in range(3):
-            try:
-                async with self._sessions() as session, session.begin():
-                    call = await self._upsert(session, call_sid, started_at)
-                    same = await session.scalar(
-                        select(Utterance.seq).where(
-                            Utterance.call_id == call.id,
-                            Utterance.role == role,
-                            Utterance.turn == turn,
-                            Utterance.started_at == started_at,
-                        )
-                    )
-                    if same is not None:
-                        return same
-                    last = await session.scalar(
-                        select(func.max(Utterance.seq)).where(Utterance.call_id == call.id)
-                    )
-                    seq = (last or 0) + 1
-                    session.add(
-                        Utterance(
-                            call_id=call.id,
-                            turn=turn,
-                            seq=seq,
-                            role=role,
-                            text=text,
-                            generated_text=generated_text,
-                            interrupted=interrupted,
-                            started_at=started_at,
-                            ended_at=ended_at,
-                        )
-                    )
-                return seq
-            except IntegrityError:
-                # Another writer took this seq between our read and insert: read again.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        started_at, ended_at = utc(started_at), utc(ended_at)
+
+        async def write(writes: CallWrites) -> int:
+            return await writes.add_utterance(
+                call_sid, turn=turn, role=role, text=text, started_at=started_at,
+                ended_at=ended_at, generated_text=generated_text, interrupted=interrupted,
+            )
+
+        return await self._write({call_sid: started_at}, write)
 
     async def add_metrics(
         self, call_sid: str, turn: int, metrics: Mapping[str, float | None]
     ) -> None:
         """Store (or complete) the latency parts of one turn; None leaves a part as it was."""
-        unknown = set(metrics) - set(METRIC_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown metric fields {sorted(unknown)}")
-        async with self._sessions() as session, session.begin():
-            call = await self._upsert(session, call_sid, utcnow())
-            row = await session.scalar(
-                select(TurnMetric).where(TurnMetric.call_id == call.id, TurnMetric.turn == turn)
-            )
-            if row is None:
-                row = TurnMetric(call_id=call.id, turn=turn)
-                session.add(row)
-            for name, value in metrics.items():
-                if value is not None:
-                    setattr(row, name, float(value))
+
+        async def write(writes: CallWrites) -> None:
+            writes.add_metrics(call_sid, turn, metrics)
+
+        await self._write({call_sid: utcnow()}, write)
 
     async def add_event(
         self, call_sid: str, type: str, detail: Mapping[str, Any], at: datetime
     ) -> None:
         """Store a call event; the same (call, type, time) twice is stored once."""
-        at = _utc(at)
-        async with self._sessions() as session, session.begin():
-            call = await self._upsert(session, call_sid, at)
-            same = await session.scalar(
-                select(CallEventRow.id).where(
-                    CallEventRow.call_id == call.id,
-                    CallEventRow.type == type,
-                    CallEventRow.at == at,
-                )
-            )
-            if same is None:
-                # Whatever the detail holds, store it as JSON (datetimes and the like as text).
-                stored = json.loads(json.dumps(dict(detail), default=str))
-                session.add(CallEventRow(call_id=call.id, type=type, detail=stored, at=at))
+        at = utc(at)
+
+        async def write(writes: CallWrites) -> None:
+            await writes.add_event(call_sid, type, detail, at)
+
+        await self._write({call_sid: at}, write)
 
     async def forget_number(self, number: str) -> int:
         """Delete every call to or from `number` (exact match) with all it holds.
@@ -274,9 +220,9 @@ class CallRepository:
                 )
             )
         if since is not None:
-            filters.append(Call.started_at >= _utc(since))
+            filters.append(Call.started_at >= utc(since))
         if until is not None:
-            filters.append(Call.started_at < _utc(until))
+            filters.append(Call.started_at < utc(until))
         utterance_count = (
             select(func.count(Utterance.id))
             .where(Utterance.call_id == Call.id)
@@ -325,24 +271,25 @@ class CallRepository:
 
     # -- helpers ------------------------------------------------------------------------
 
-    async def _upsert(
-        self, session: AsyncSession, call_sid: str, at: datetime, status: str = "in-progress"
-    ) -> Call:
-        """The call's row, locked for this transaction, created first when missing."""
-        insert = postgresql.insert if self._engine.dialect.name == "postgresql" else sqlite.insert
-        await session.execute(
-            insert(Call)
-            .values(call_sid=call_sid, status=status, started_at=at, created_at=utcnow())
-            .on_conflict_do_nothing(index_elements=["call_sid"])
-        )
-        call = await session.scalar(select(Call).where(Call.call_sid == call_sid).with_for_update())
-        assert call is not None
-        return call
-
-    @staticmethod
-    def _fill_parties(
-        call: Call, from_number: str | None, to_number: str | None, direction: str | None
-    ) -> None:
-        call.from_number = call.from_number or from_number
-        call.to_number = call.to_number or to_number
-        call.direction = call.direction or direction
+    async def _write(
+        self,
+        calls: Mapping[str, datetime],
+        write: Callable[[CallWrites], Awaitable[T]],
+        *,
+        status: str = "in-progress",
+    ) -> T:
+        """Run `write` in one transaction, `calls` (each with the time that starts its row if
+        missing) created and locked first."""
+        for attempt in range(_WRITE_TRIES):
+            try:
+                async with self._sessions() as session, session.begin():
+                    writes = CallWrites(session, self._engine.dialect.name)
+                    await writes.lock_calls(calls, status)
+                    result = await write(writes)
+                    await writes.flush()
+                return result
+            except IntegrityError:
+                # Another writer took an utterance's seq between our read and insert: read again.
+                if attempt == _WRITE_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")

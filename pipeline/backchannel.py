@@ -46,12 +46,15 @@ FUNCTION_WORDS = frozenset((
     "be", "that", "this", "there", "so", "or", "as", "if",
 ))
 _WORD = re.compile(r"[a-z']+|\d+")
+# What Whisper makes of a short sound with no speech in it: a click, a scrape, a breath
+# (tests/fixtures/click.wav, transcribed whole, is "You"). Alone, it is no interruption.
+WHISPER_ON_NOISE = ["you"]
 
 
 def classify_interjection(text: str) -> Interjection:
     """What a short sound made while the bot talked amounts to, from its transcript."""
     words = [w for w in _WORD.findall(text.lower()) if len(w) > 1 or w in "aiomnh"]
-    if not words:
+    if not words or words == WHISPER_ON_NOISE:
         return "noise"
     if all(w in BACKCHANNELS or _HUM.match(w) for w in words) and len(words) <= 4:
         return "backchannel"

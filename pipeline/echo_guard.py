@@ -34,6 +34,7 @@ import numpy as np
 RATE = 8000
 MIN_FIT_DB = 6.0  # a fitted echo path must explain at least this much of the caller's audio
 QUIET = 10 ** (-55 / 10)  # mean square below -55 dBFS: nothing to learn an echo path from
+CHECK_MS = 160  # before convergence: how much recent caller audio must follow the bot's
 
 
 @dataclass(slots=True)
@@ -72,6 +73,7 @@ class EchoGuard:
         self.taps = taps
         self.pre = 6  # taps before the correlation peak (the path is not a pure delay)
         self.fit = int(fit_ms * RATE / 1000)
+        self.check = int(CHECK_MS * RATE / 1000)  # caller audio tested against the bot's
         self.refit = int(refit_ms * RATE / 1000)
         self.min_correlation = min_correlation
         self.suppress_db = suppress_db
@@ -215,15 +217,30 @@ class EchoGuard:
     def _gate_unconverged(self, pcm8k: np.ndarray, near: np.ndarray, start: int) -> np.ndarray:
         """Before the echo path is known (the first words of a call's first reply): a frame
         quieter than the loudest recent bot audio minus `min_erl_db` may be its echo, so it
-        is attenuated; a caller talking louder than that passes."""
+        is attenuated, unless what the caller's side sent lately does not follow the bot's
+        audio at any delay (a soft-spoken caller on a handset line, talking over the bot's
+        first words: muting them delayed a barge-in by a third of a second). A caller
+        talking louder than that passes anyway."""
         recent = self._reference(start - self.max_delay, start + near.size)
         frames = recent[: recent.size // near.size * near.size].reshape(-1, near.size)
         loudest = float(np.max(np.mean(frames**2, axis=1))) if frames.size else 0.0
         level = float(np.mean(near**2))
         if loudest > QUIET and level < loudest * 10 ** (-self.min_erl_db / 10):
+            if level > QUIET and not self._follows_the_bot(start + near.size):
+                return pcm8k
             self.stats.gated_frames += 1
             return (pcm8k * 0.05).astype(np.int16)
         return pcm8k
+
+    def _follows_the_bot(self, end: int) -> bool:
+        """Does the caller's side over the last `check` samples correlate with the bot's
+        audio at some delay, as its echo would (however the line filters it)?"""
+        n = min(self.check, end)
+        near = self._span(self._near, end - n, end)
+        ref = self._reference(end - n - self.max_delay, end + self.early)
+        if float(np.dot(ref, ref)) < QUIET * n:
+            return False
+        return _best_lag(near, ref, self.max_delay, self.early)[1] >= self.min_correlation
 
     def _first_tap(self, start: int) -> int:
         """Timeline index of the oldest reference sample the filter uses for inbound

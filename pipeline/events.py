@@ -91,57 +91,127 @@ class CallEnded:
 
 PipelineEvent = CallStarted | UtteranceDone | TurnMetrics | CallEvent | CallEnded
 Subscriber = Callable[[PipelineEvent], Awaitable[None]]
+BatchSubscriber = Callable[[list[PipelineEvent]], Awaitable[None]]
+_Queue = asyncio.Queue[PipelineEvent | None]
+
+# Most events a batch subscriber is handed at once (what waited in its queue, up to this).
+DEFAULT_MAX_BATCH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class _Subscription:
+    name: str
+    handler: BatchSubscriber
+    max_batch: int
+    queue: _Queue
+    linger_s: float = 0.0
 
 
 class EventBus:
-    """Fan-out of pipeline events to async subscribers, each behind its own bounded queue."""
+    """Fan-out of pipeline events to async subscribers, each behind its own bounded queue.
+
+    A subscriber takes events one at a time (`subscribe`) or in batches (`subscribe_batch`):
+    a batch is whatever waits in its queue when it is free again, up to `max_batch` events,
+    in publishing order. Unless the subscription asks to `linger`, nothing waits for a batch
+    to fill: one event alone is handed over at once. With `linger_s`, the first event of a
+    batch waits that long for others to join it (the database writer: a call publishes a few
+    events per turn, and a hundred calls' events of a tenth of a second take one transaction,
+    not one each).
+    """
 
     def __init__(self, queue_size: int = 10_000) -> None:
         self._queue_size = queue_size
-        self._subscribers: list[tuple[str, Subscriber, asyncio.Queue[PipelineEvent | None]]] = []
+        self._subscribers: list[_Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
 
     def subscribe(self, name: str, handler: Subscriber) -> None:
-        queue: asyncio.Queue[PipelineEvent | None] = asyncio.Queue(self._queue_size)
-        self._subscribers.append((name, handler, queue))
-        if self._started:
-            self._tasks.append(asyncio.create_task(self._pump(name, handler, queue)))
+        """`handler` gets every event on its own."""
+
+        async def one(events: list[PipelineEvent]) -> None:
+            await handler(events[0])
+
+        self._add(_Subscription(name, one, 1, asyncio.Queue(self._queue_size)))
+
+    def subscribe_batch(
+        self, name: str, handler: BatchSubscriber, max_batch: int = DEFAULT_MAX_BATCH,
+        linger_s: float = 0.0,
+    ) -> None:
+        """`handler` gets lists of events: all that waited in its queue, up to `max_batch`,
+        after the first waited `linger_s` for company (not when the batch is full already)."""
+        if max_batch < 1:
+            raise ValueError("max_batch starts at 1")
+        if linger_s < 0:
+            raise ValueError("linger_s must not be negative")
+        self._add(_Subscription(name, handler, max_batch, asyncio.Queue(self._queue_size),
+                                linger_s))
+
+    def unsubscribe(self, name: str) -> None:
+        """Stop handing events to `name`; its pump ends after what it already holds."""
+        for subscription in [s for s in self._subscribers if s.name == name]:
+            self._subscribers.remove(subscription)
+            if self._started:
+                subscription.queue.put_nowait(None)
 
     def publish(self, event: PipelineEvent) -> None:
-        for name, _, queue in self._subscribers:
+        for subscription in self._subscribers:
             try:
-                queue.put_nowait(event)
+                subscription.queue.put_nowait(event)
             except asyncio.QueueFull:
-                log.error("event subscriber %s is full; dropped %s", name, event.kind)
+                log.error("event subscriber %s is full; dropped %s", subscription.name, event.kind)
 
     async def start(self) -> None:
         self._started = True
-        for name, handler, queue in self._subscribers:
-            self._tasks.append(asyncio.create_task(self._pump(name, handler, queue)))
+        for subscription in self._subscribers:
+            self._tasks.append(asyncio.create_task(self._pump(subscription)))
 
     async def drain(self) -> None:
         """Wait until every subscriber has handled what was published so far."""
-        for _, _, queue in self._subscribers:
-            await queue.join()
+        for subscription in self._subscribers:
+            await subscription.queue.join()
 
     async def stop(self) -> None:
-        for _, _, queue in self._subscribers:
-            queue.put_nowait(None)
+        for subscription in self._subscribers:
+            subscription.queue.put_nowait(None)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self._started = False
 
-    async def _pump(
-        self, name: str, handler: Subscriber, queue: asyncio.Queue[PipelineEvent | None]
-    ) -> None:
+    def _add(self, subscription: _Subscription) -> None:
+        self._subscribers.append(subscription)
+        if self._started:
+            self._tasks.append(asyncio.create_task(self._pump(subscription)))
+
+    @staticmethod
+    async def _pump(subscription: _Subscription) -> None:
+        queue = subscription.queue
         while True:
-            event = await queue.get()
+            events, stop = await _take(queue, subscription.max_batch, subscription.linger_s)
             try:
-                if event is None:
-                    return
-                await handler(event)
+                if events:
+                    await subscription.handler(events)
             except Exception:
-                log.exception("event subscriber %s failed on %s", name, getattr(event, "kind", "?"))
+                what = events[0].kind if len(events) == 1 else f"{len(events)} events"
+                log.exception("event subscriber %s failed on %s", subscription.name, what)
             finally:
-                queue.task_done()
+                for _ in range(len(events) + stop):
+                    queue.task_done()
+            if stop:
+                return
+
+
+async def _take(queue: _Queue, limit: int,
+                linger_s: float = 0.0) -> tuple[list[PipelineEvent], bool]:
+    """The next event, then those already waiting behind it (up to `limit` in all), after
+    `linger_s` for more to arrive; and True when the stop marker came first (nothing after it
+    is taken)."""
+    events: list[PipelineEvent] = []
+    item = await queue.get()
+    if linger_s and item is not None and queue.qsize() < limit - 1:
+        await asyncio.sleep(linger_s)
+    while item is not None:
+        events.append(item)
+        if len(events) >= limit or queue.empty():
+            return events, False
+        item = queue.get_nowait()
+    return events, True

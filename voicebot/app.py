@@ -45,6 +45,9 @@ from webhooks.stream_status import stream_status_routes
 from webhooks.voice import voice
 
 log = logging.getLogger(__name__)
+# How long the database writer lets an event wait for others to share its transaction. The
+# viewer's live page does not read the database; what is stored is a tenth of a second later.
+DB_LINGER_S = 0.1
 
 EngineLoader = Callable[[Settings], Engines]
 
@@ -117,7 +120,8 @@ def create_app(
         services.bus.subscribe("metrics", metrics.handle)
         await admission.start()
         await metrics.start()
-        services.bus.subscribe("db", recorder.handle)
+        # A tenth of a second's events of every call in one transaction (pipeline/events.py).
+        services.bus.subscribe_batch("db", recorder.handle_batch, linger_s=DB_LINGER_S)
         # Twilio's callbacks about a call become call events (stored, shown in the viewer).
         app.state.on_amd_result = lambda d: services.bus.publish(
             CallEvent(d["call_sid"], "amd", d))

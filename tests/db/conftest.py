@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import create_db_engine
@@ -87,3 +88,18 @@ async def pg_proxy() -> AsyncIterator[TcpProxy]:
     await proxy.up()
     yield proxy
     await proxy.down()
+
+
+class SqlCounter:
+    """Counts the commits and SQL statements (an executemany counts once) on an engine."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.commits = self.statements = 0
+        event.listen(engine.sync_engine, "commit", self._commit)
+        event.listen(engine.sync_engine, "before_cursor_execute", self._statement)
+
+    def _commit(self, *_: Any) -> None:
+        self.commits += 1
+
+    def _statement(self, *_: Any) -> None:
+        self.statements += 1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import create_db_engine
 from db.recorder import CallRecorder
@@ -21,7 +23,7 @@ from pipeline.events import (
     UtteranceDone,
 )
 from tests.conftest_db import pg_url
-from tests.db.conftest import TcpProxy
+from tests.db.conftest import SqlCounter, TcpProxy
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -158,20 +160,170 @@ async def test_a_spool_left_by_an_earlier_run_is_replayed_on_start(
 
 
 async def test_rejected_events_are_kept_aside_not_retried(
-    repository: CallRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    repository: CallRepository, tmp_path: Path
 ) -> None:
-    recorder = CallRecorder(repository, tmp_path / "spool")
-
-    async def refuse(*args: Any, **kwargs: Any) -> None:
-        raise ValueError("unknown metric fields ['x_ms']")
+    flaky = FlakyRepository(repository)
+    recorder = CallRecorder(flaky, tmp_path / "spool")  # type: ignore[arg-type]
 
     # Bad data, not an outage: no retries, no spooling, but kept on disk with the reason.
-    monkeypatch.setattr(repository, "add_metrics", refuse)
-    await recorder.handle(TurnMetrics("CA1", 1, v2v_ms=1.0))
+    await recorder.handle(TurnMetrics("CA1", 1, v2v_ms="fast"))  # type: ignore[arg-type]
 
+    assert flaky.attempts == 1
     assert not recorder.spooling
     assert not recorder.spool.pending()
-    assert "unknown metric fields" in recorder.spool.rejected_path.read_text()
+    assert "could not convert string to float: 'fast'" in recorder.spool.rejected_path.read_text()
+
+
+def interleaved(*sids: str) -> list[PipelineEvent]:
+    """Several calls' conversations, their events taking turns as concurrent calls' do."""
+    return [event for step in zip(*(a_call(sid) for sid in sids), strict=True) for event in step]
+
+
+def refused_utterance(sid: str = "CA1") -> UtteranceDone:
+    """An utterance the database itself refuses (NOT NULL text), on every backend."""
+    return UtteranceDone(sid, 9, "caller", None, at(7.5), at(7.6))  # type: ignore[arg-type]
+
+
+def refused_metrics(sid: str = "CA1") -> TurnMetrics:
+    """Metrics refused before they reach the database (not a number)."""
+    return TurnMetrics(sid, 2, v2v_ms="fast")  # type: ignore[arg-type]
+
+
+def rejected_kinds(recorder: CallRecorder) -> list[str]:
+    lines = recorder.spool.rejected_path.read_text().splitlines()
+    return [json.loads(line)["event"]["kind"] for line in lines]
+
+
+class GoesDown:
+    """The real repository, counting transactions, until it has written `ok` of them; then
+    every write fails the way an unreachable server does, until `down` is cleared."""
+
+    def __init__(self, real: CallRepository, ok: int = 1_000_000) -> None:
+        self.real = real
+        self.ok = ok
+        self.down = False
+        self.batches: list[int] = []
+
+    async def write_events(self, events: list[PipelineEvent]) -> None:
+        if self.ok <= 0:
+            self.down = True
+        if self.down:
+            raise ConnectionRefusedError(111, "Connect call failed")
+        self.ok -= 1
+        self.batches.append(len(events))
+        await self.real.write_events(events)
+
+
+async def test_queued_events_are_written_in_one_commit_and_in_order(
+    repository: CallRepository, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    recorder = CallRecorder(repository, tmp_path / "spool")
+    bus = EventBus()
+    bus.subscribe_batch("db", recorder.handle_batch)
+    await bus.start()
+    await recorder.start()
+    counter = SqlCounter(engine)
+    for event in interleaved("CA1", "CA2", "CA3"):  # 24 events waiting at once
+        bus.publish(event)
+    await bus.drain()
+    assert counter.commits == 1
+
+    bus.publish(CallEvent("CA1", "after", {}, at(9)))  # alone: written at once, on its own
+    await bus.drain()
+    assert counter.commits == 2
+    await bus.stop()
+    await recorder.stop()
+
+    for sid in ("CA1", "CA2", "CA3"):
+        assert await _transcript(repository, sid) == TRANSCRIPT
+        assert (await repository.get_call(sid)).call.end_reason == "hangup"
+    assert [e.type for e in (await repository.get_call("CA1")).events] == ["barge_in", "after"]
+
+
+async def test_a_refused_event_does_not_lose_the_rest_of_its_batch(
+    repository: CallRepository, tmp_path: Path
+) -> None:
+    flaky = FlakyRepository(repository)
+    recorder = CallRecorder(flaky, tmp_path / "spool", backoff_s=0.001)  # type: ignore[arg-type]
+    events = a_call()
+    batch = [*events[:3], refused_utterance(), *events[3:5], refused_metrics(), *events[5:]]
+
+    await recorder.handle_batch(batch)
+
+    assert flaky.attempts == 1 + len(batch)  # the batch, then one event at a time
+    assert await _transcript(repository) == TRANSCRIPT
+    detail = await repository.get_call("CA1")
+    assert [(m.turn, m.v2v_ms) for m in detail.metrics] == [(1, 1100.0)]
+    assert detail.call.end_reason == "hangup"
+    assert rejected_kinds(recorder) == ["utterance", "turn_metrics"]
+    assert not recorder.spooling and not recorder.spool.pending()
+
+
+async def test_an_outage_spools_the_whole_batch_in_order_and_replay_writes_it_at_once(
+    repository: CallRepository, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    down = GoesDown(repository)
+    recorder = CallRecorder(down, tmp_path / "spool", backoff_s=0.001)  # type: ignore[arg-type]
+    events = interleaved("CA1", "CA2")
+    await recorder.handle_batch(events[:2])
+    down.down = True
+    await recorder.handle_batch(events[2:10])  # fails as a whole: nothing of it is written
+    await recorder.handle_batch(events[10:])  # and what follows goes after it
+
+    assert recorder.spooling
+    assert [event for _, event in recorder.spool.peek(100)] == events[2:]
+    assert await _transcript(repository) == []
+
+    down.down = False
+    counter = SqlCounter(engine)
+    assert await recorder.replay() is True
+
+    assert counter.commits == 1  # the spool's 14 events in one transaction
+    assert down.batches == [2, 14]
+    for sid in ("CA1", "CA2"):
+        assert await _transcript(repository, sid) == TRANSCRIPT
+    assert not recorder.spooling and not recorder.spool.pending()
+
+
+async def test_an_outage_while_writing_one_by_one_spools_the_rest_in_order(
+    repository: CallRepository, tmp_path: Path
+) -> None:
+    events = a_call()
+    batch = [*events[:2], refused_utterance(), *events[2:]]
+    # The batch is refused (one bad event); the first three go one by one, then the outage.
+    down = GoesDown(repository, ok=1 + 3)
+    recorder = CallRecorder(down, tmp_path / "spool", backoff_s=0.001)  # type: ignore[arg-type]
+
+    await recorder.handle_batch(batch)
+
+    assert recorder.spooling
+    assert rejected_kinds(recorder) == ["utterance"]
+    assert [event for _, event in recorder.spool.peek(100)] == events[2:]
+    assert await _transcript(repository) == TRANSCRIPT[:1]
+
+    down.down, down.ok = False, 100
+    assert await recorder.replay() is True
+    assert await _transcript(repository) == TRANSCRIPT
+    assert not recorder.spooling
+
+
+async def test_a_refused_event_in_the_spool_does_not_block_the_replay(
+    repository: CallRepository, tmp_path: Path
+) -> None:
+    down = GoesDown(repository)
+    down.down = True
+    recorder = CallRecorder(down, tmp_path / "spool", attempts=1)  # type: ignore[arg-type]
+    events = a_call()
+    await recorder.handle_batch([*events[:4], refused_metrics(), *events[4:]])
+    assert recorder.spool.pending()
+
+    down.down = False
+    assert await recorder.replay() is True
+
+    assert down.batches == [len(events) + 1, *[1] * (len(events) + 1)]
+    assert await _transcript(repository) == TRANSCRIPT
+    assert rejected_kinds(recorder) == ["turn_metrics"]
+    assert not recorder.spool.pending()
 
 
 @pytest.mark.postgres
@@ -192,7 +344,7 @@ async def test_a_postgres_outage_loses_nothing(
         replay_interval_s=0.05,
     )
     bus = EventBus()
-    bus.subscribe("db", recorder.handle)
+    bus.subscribe_batch("db", recorder.handle_batch)
     await bus.start()
     await recorder.start()
     try:

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.repository import CallNotFound, CallRepository
+from pipeline.events import (
+    CallEnded,
+    CallEvent,
+    CallStarted,
+    PipelineEvent,
+    TurnMetrics,
+    UtteranceDone,
+)
+from tests.db.conftest import SqlCounter
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -237,3 +249,92 @@ async def test_forgetting_a_number_deletes_only_its_calls(repository: CallReposi
 
 async def test_ping_answers_when_the_database_does(repository: CallRepository) -> None:
     await repository.ping()
+
+
+# -- write_events: a batch of pipeline events in one transaction --------------------------
+
+
+def a_conversation(sid: str) -> list[PipelineEvent]:
+    return [
+        CallStarted(sid, f"MZ{sid}", "+15550001", "+18005550000", "inbound", at(0)),
+        UtteranceDone(sid, 0, "bot", "Hello, how can I help?", at(0.2), at(2)),
+        UtteranceDone(sid, 1, "caller", "When do you open?", at(3), at(4.5)),
+        TurnMetrics(sid, 1, endpoint_ms=500.0, v2v_ms=1100.0),
+        CallEvent(sid, "barge_in", {"turn": 1}, at(6)),
+        CallEvent(sid, "mark", {"name": "r1"}, at(6)),
+        UtteranceDone(sid, 1, "bot", "We open", at(5.6), at(6.1), "We open at nine.", True),
+        TurnMetrics(sid, 1, heard_v2v_ms=1150.0),  # completes the same turn's row
+        CallEnded(sid, at(8), "hangup"),
+    ]
+
+
+def interleaved(*calls: list[PipelineEvent]) -> list[PipelineEvent]:
+    return [event for step in zip(*calls, strict=True) for event in step]
+
+
+async def _stored(repo: CallRepository, sid: str) -> tuple[Any, ...]:
+    detail = await repo.get_call(sid)
+    return (
+        [(u.seq, u.turn, u.role, u.text, u.interrupted, u.generated_text)
+         for u in detail.utterances],
+        [(m.turn, m.endpoint_ms, m.v2v_ms, m.heard_v2v_ms) for m in detail.metrics],
+        [(e.type, e.detail) for e in detail.events],
+        (detail.call.status, detail.call.end_reason, detail.call.duration_s,
+         detail.call.stream_sid, detail.call.from_number, detail.call.answered_at),
+    )
+
+
+async def test_a_batch_is_stored_as_one_write_each_would_store_it(
+    repository: CallRepository,
+) -> None:
+    await repository.write_events(interleaved(a_conversation("CAa"), a_conversation("CAb")))
+    for event in a_conversation("CAc"):
+        await repository.write_events([event])
+
+    expected = (
+        [(1, 0, "bot", "Hello, how can I help?", False, None),
+         (2, 1, "caller", "When do you open?", False, None),
+         (3, 1, "bot", "We open", True, "We open at nine.")],
+        [(1, 500.0, 1100.0, 1150.0)],
+        [("barge_in", {"turn": 1}), ("mark", {"name": "r1"})],
+        ("completed", "hangup", 8.0, None, "+15550001", at(0)),
+    )
+    for sid in ("CAa", "CAb", "CAc"):
+        stored = await _stored(repository, sid)
+        assert stored[:3] == expected[:3]
+        assert stored[3] == (*expected[3][:3], f"MZ{sid}", *expected[3][4:])
+
+
+async def test_a_batch_takes_one_commit_and_a_few_statements(
+    repository: CallRepository, engine: AsyncEngine
+) -> None:
+    batch = interleaved(*(a_conversation(f"CA{n}") for n in range(20)))
+    counter = SqlCounter(engine)
+
+    await repository.write_events(batch)
+
+    assert counter.commits == 1
+    # Per table, not per event (one event at a time took about 4 statements each).
+    assert counter.statements <= 10, counter.statements
+    assert (await repository.list_calls()).total == 20
+
+
+async def test_a_batch_written_twice_is_stored_once(repository: CallRepository) -> None:
+    batch = a_conversation("CA1")
+    await repository.write_events(batch)
+    before = await _stored(repository, "CA1")
+
+    await repository.write_events(batch)  # a replay whose first attempt did commit
+    await repository.write_events(batch[1:3] + batch[1:3])  # and twice within one batch
+
+    assert await _stored(repository, "CA1") == before
+
+
+async def test_a_batch_is_all_or_nothing(repository: CallRepository) -> None:
+    batch = a_conversation("CA1")
+    refused = UtteranceDone("CA1", 2, "caller", None, at(7), at(7.5))  # type: ignore[arg-type]
+
+    with pytest.raises(IntegrityError):  # NOT NULL: the database refuses it
+        await repository.write_events([*batch[:4], refused, *batch[4:]])
+
+    assert (await repository.list_calls()).total == 0

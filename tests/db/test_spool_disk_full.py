@@ -18,25 +18,26 @@ T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
 class FlakyRepository:
-    """Stands in for `CallRepository`: records writes; refuses them while `down`."""
+    """Stands in for `CallRepository`: records writes (and each transaction's size); refuses
+    them while `down`."""
 
     def __init__(self) -> None:
         self.down = False
         self.written: list[tuple[str, Any]] = []
+        self.batches: list[int] = []
 
-    def _write(self, what: str, value: Any) -> None:
+    async def write_events(self, events: list[PipelineEvent]) -> None:
         if self.down:
             raise ConnectionRefusedError("database down")
-        self.written.append((what, value))
-
-    async def start_call(self, call_sid: str, **_: Any) -> None:
-        self._write("start", call_sid)
-
-    async def add_utterance(self, call_sid: str, *, text: str, **_: Any) -> None:
-        self._write("utterance", text)
-
-    async def finalize_call(self, call_sid: str, **_: Any) -> None:
-        self._write("end", call_sid)
+        self.batches.append(len(events))
+        for event in events:
+            match event:
+                case CallStarted():
+                    self.written.append(("start", event.call_sid))
+                case UtteranceDone():
+                    self.written.append(("utterance", event.text))
+                case CallEnded():
+                    self.written.append(("end", event.call_sid))
 
 
 def events(sid: str, words: list[str]) -> list[PipelineEvent]:
@@ -73,6 +74,7 @@ async def test_events_wait_in_memory_when_the_spool_disk_is_full(
     assert repo.written == [("start", "CA1"), ("utterance", "one"), ("utterance", "two"),
                             ("end", "CA1"), ("start", "CA2"), ("utterance", "three"),
                             ("end", "CA2")]
+    assert repo.batches == [1, 6]  # the disk's one event, then memory's six in one transaction
     assert not recorder.spooling and not recorder.spool.pending()
 
 

@@ -17,7 +17,8 @@ from pipeline.echo_guard import EchoGuard
 @pytest.mark.parametrize(("text", "kind"), [
     ("Uh-huh.", "backchannel"), ("Yeah", "backchannel"), ("Okay.", "backchannel"),
     ("Mm hm.", "backchannel"), ("M, M, M,", "backchannel"), ("Got it.", "backchannel"),
-    ("", "noise"), ("...", "noise"), ("f", "noise"),
+    ("", "noise"), ("...", "noise"), ("f", "noise"), ("You", "noise"), ("you.", "noise"),
+    ("You too?", "words"), ("Thank you, but no.", "words"),
     ("Stop.", "words"), ("No.", "words"), ("Actually", "words"), ("Hold on", "words"),
     ("Yeah, but what about parking?", "words"),
 ])
@@ -144,6 +145,29 @@ def test_without_echo_a_quiet_caller_is_never_muted_after_convergence() -> None:
     out, guard = _run_guard(near, bot)
     assert guard.stats.delay_ms is None  # nothing to fit: a handset line
     assert abs(_db(out[20000:28000]) - _db(caller)) < 0.5
+
+
+def test_a_soft_caller_over_the_bots_first_words_is_not_muted_on_a_handset_line() -> None:
+    # Before the guard knows the line (the first 1.5 s of the bot's audio), a caller 14 dB
+    # below the bot used to be attenuated as a possible echo: a soft "Actually..." at 0.4 s
+    # reached the VAD a third of a second late. It does not follow the bot's audio, so it
+    # passes; the same level of real echo is still held back (next test).
+    bot = _speechlike(4.0, seed=3)
+    caller = _speechlike(1.0, seed=4) * 0.2
+    near = np.zeros(bot.size, dtype=np.float32)
+    near[3200:11200] += caller  # 0.4–1.4 s: before convergence
+    out, _ = _run_guard(near, bot)
+    first_words = slice(3200 + 1280, 11200)  # once 160 ms of it has been heard
+    assert abs(_db(out[first_words]) - _db(caller[1280:])) < 0.5
+
+
+def test_echo_before_convergence_is_still_held_back() -> None:
+    bot = _speechlike(4.0, seed=1)
+    delay = int(0.23 * 8000)
+    echo = np.concatenate([np.zeros(delay), bot])[: bot.size] * 10 ** (-15 / 20)
+    out, _ = _run_guard(echo.astype(np.float32), bot)
+    early = slice(delay + 1280, 12000)  # the echo's first second, before any fit
+    assert _db(out[early]) < _db(echo[early]) - 20
 
 
 def test_the_guard_costs_nothing_while_the_bot_is_silent() -> None:
