@@ -51,6 +51,11 @@ def cut_repetition(text: str) -> str:
                 for k in range(1, repeats_needed)
             ):
                 return " ".join(words[: start + size]).rstrip(",;:")
+    # A 2-word phrase said twice and begun a third time at the very end ("Hi, there. Hi,
+    # there. Hi"): the decoder looping until its token budget cut it off mid-phrase.
+    tail = norm[-5:]
+    if len(tail) == 5 and tail[0] != tail[1] and tail[:2] == tail[2:4] and tail[4] == tail[0]:
+        return " ".join(words[:-3]).rstrip(",;:")
     return text
 
 
@@ -113,10 +118,18 @@ class WhisperStt:
             raise EngineError("stt", f"{type(exc).__name__}: {exc}") from exc
 
     def _decode_short(self, audio: np.ndarray, duration: float, budget: int) -> tuple[str, bool]:
-        from faster_whisper.audio import pad_or_trim
-
         window_s = min(30, max(6, math.ceil(duration * 1.25) + 2))
-        features = pad_or_trim(self._model.feature_extractor(audio), window_s * 100)
+        features = self._model.feature_extractor(audio)
+        # The rest of the window is silence, as in Whisper's training (audio padded with
+        # zeros, so the log-mel floor), not the zeros `pad_or_trim` adds: in normalized units
+        # those are a loud hum, and on a short clip ("Hi there.") the decoder looped over
+        # them 30 times in 30 (the floor: 0 times in 30).
+        floor = float(features.max()) - 2.0 if features.size else -1.5
+        width = window_s * 100
+        if features.shape[-1] < width:
+            features = np.pad(features, ((0, 0), (0, width - features.shape[-1])),
+                              constant_values=floor)
+        features = features[:, :width]
         encoded = self._model.encode(features)
         result = self._model.model.generate(
             encoded, [self._prompt], beam_size=1, max_length=budget,

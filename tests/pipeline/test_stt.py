@@ -72,6 +72,9 @@ def test_silence_transcribes_to_nothing_much(stt: WhisperStt) -> None:
         ("thank you thank you", "thank you thank you"),
         ("a table for two, two people", "a table for two, two people"),
         ("One, two, three.", "One, two, three."),
+        ("Hi, there. Hi, there. Hi", "Hi, there."),  # a loop cut off by the token budget
+        ("bye bye", "bye bye"),
+        ("no no no", "no"),
     ],
 )
 def test_repetition_cut(raw: str, kept: str) -> None:
@@ -89,3 +92,14 @@ def test_a_partial_transcript_never_falls_back_to_the_full_window(
     assert stt.transcribe_partial(audio) == "actually actually"
     assert stt.fallbacks == before
     assert stt.transcribe_partial(np.zeros(0, dtype=np.float32)) == ""
+
+
+def test_a_short_clip_does_not_loop_in_the_short_window(stt: WhisperStt, fixtures_dir) -> None:
+    """"Hi there." alone (the pause after it, where a speculative transcript is taken): the
+    window's padding is silence, so the decoder stops instead of saying it again and again."""
+    audio = phone_line(fixtures_dir / "open_hours.wav")
+    clip = audio[int(0.15 * 16000) : int(1.0 * 16000)]
+    before = stt.fallbacks
+    assert stt.transcribe(clip) == "Hi there."
+    assert stt.transcribe_partial(clip) == "Hi there."
+    assert stt.fallbacks == before
