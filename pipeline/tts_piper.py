@@ -7,6 +7,7 @@ sentence is yielded as soon as it is ready, from a worker thread.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -49,11 +50,14 @@ class PiperTts:
 
     def __init__(self, voice: str | None = None, length_scale: float | None = None,
                  threads: int = 2) -> None:
-        from piper import PiperVoice, SynthesisConfig
+        from piper import PiperConfig, PiperVoice, SynthesisConfig
 
         path = Path(voice) if voice else embedded_voice_path()
-        self._voice = PiperVoice.load(path)
-        self._voice.session = _quiet_session(path, threads)
+        # `PiperVoice.load` would open a session of its own (spinning threads) only for us
+        # to replace it: build the voice from its config and our session, loading it once.
+        config = json.loads(Path(f"{path}.json").read_text(encoding="utf-8"))
+        self._voice = PiperVoice(session=_quiet_session(path, threads),  # type: ignore[arg-type]
+                                 config=PiperConfig.from_dict(config))
         self.sample_rate = int(self._voice.config.sample_rate)
         self._config = SynthesisConfig(length_scale=length_scale)
         self._lock = threading.Lock()

@@ -154,7 +154,7 @@ def shared_smart_turn() -> SmartTurnModel | None:
 
 # Transcript cues ------------------------------------------------------------------------------
 
-Cue = Literal["complete", "hesitation", "unfinished", "entity", "answer"]
+Cue = Literal["complete", "hesitation", "unfinished", "entity", "answer", "greeting"]
 Entity = Literal["phone", "zip", "number", "email", "birthdate", "date", "spelling"]
 
 FILLERS = frozenset({"uh", "um", "uhm", "umm", "er", "erm", "ah", "hmm", "mm", "like"})
@@ -170,6 +170,11 @@ _YEAR = re.compile(r"\b(19|20)\d\d\b|\b(nineteen|twenty|two thousand)\b", re.I)
 _DAY = re.compile(r"\b\d{1,2}(st|nd|rd|th)?\b|\b(first|second|third|fourth|fifth|sixth|seventh|"
                   r"eighth|ninth|tenth|eleventh|twelfth|\w+teenth|twentieth|thirtieth|today|"
                   r"tomorrow|monday|tuesday|wednesday|thursday|friday|saturday|sunday)\b", re.I)
+# "Hi there." / "Hello?" alone: a caller who greets the bot nearly always goes on with why they
+# called, after a breath ("Hi there. What time do you open?"), so it is no turn of its own.
+GREETING_WORDS = frozenset({"hi", "hello", "hey", "hiya", "howdy", "there", "good", "morning",
+                            "afternoon", "evening", "oh", "yes", "yeah", "um", "uh"})
+GREETINGS = frozenset({"hi", "hello", "hey", "hiya", "howdy", "morning", "afternoon", "evening"})
 SHORT_ANSWERS = frozenset({"yes", "no", "yeah", "yep", "nope", "sure", "okay", "ok", "correct",
                            "right", "exactly", "absolutely", "please", "thanks"})
 ENTITY_PROMPTS: list[tuple[Entity, re.Pattern[str]]] = [
@@ -252,6 +257,8 @@ def transcript_cue(text: str, expecting: Entity | None = None,
         return "unfinished"
     if after_question and len(words) <= 3 and words[0] in SHORT_ANSWERS:
         return "answer"
+    if len(words) <= 4 and GREETINGS.intersection(words) and GREETING_WORDS.issuperset(words):
+        return "greeting"
     return "complete"
 
 
@@ -268,6 +275,7 @@ class EndOfTurnPolicy:
     unsure_ms: int = 1300  # the model is unsure
     incomplete_ms: int = 1500  # the model hears an unfinished turn
     hesitation_ms: int = 2000  # trailing "uh", "and", "to", "..."
+    greeting_ms: int = 900  # "Hi there." alone: the reason for the call usually follows
     entity_ms: int = 2000  # digits, an e-mail address or a date being dictated
     no_words_ms: int = 700  # no model, and the transcript is not in yet
     max_ms: int = 2000  # never wait longer than this
@@ -292,6 +300,8 @@ class EndOfTurnPolicy:
         if cue in ("entity", "hesitation", "unfinished"):
             wait = self.entity_ms if cue == "entity" else self.hesitation_ms
             return min(wait, self.max_ms), str(cue)
+        if cue == "greeting":
+            return min(self.greeting_ms, self.max_ms), "greeting"
         if not uses_model:
             if cue is None:
                 return (self.max_ms if needs_words else min(self.no_words_ms, self.max_ms),

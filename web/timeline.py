@@ -243,6 +243,7 @@ _END_REASONS = {
     "hesitation": "caller hesitated, waited",
     "unfinished": "words unfinished, waited",
     "entity": "dictation, waited",
+    "greeting": "a greeting alone, waited",
     "pending": "no verdict in time",
     "max_silence": "silence limit",
     "silence": "silence only",
@@ -252,7 +253,7 @@ _OVER_THE_BOT = {"backchannel": "a backchannel over the bot", "noise": "noise ov
 # What the words looked like (pipeline.turn_detector.Cue).
 _CUES = {"complete": "words look complete", "hesitation": "words trail off",
          "unfinished": "words unfinished", "entity": "value still being dictated",
-         "answer": "a short answer"}
+         "answer": "a short answer", "greeting": "a greeting"}
 # What the bot had asked for (pipeline.turn_detector.Entity).
 _ENTITIES = {"phone": "a phone number", "zip": "a ZIP code", "number": "a number",
              "email": "an e-mail address", "birthdate": "a birth date", "date": "a date",

@@ -35,6 +35,12 @@ from pipeline.turn_detector import (
     ("It's 555-867", "entity"),
     ("You can call me back on 555-234-9876.", "complete"),
     ("A table for 4.", "complete"),
+    ("Hi there.", "greeting"),
+    ("Hello?", "greeting"),
+    ("Oh, hi. Good morning.", "greeting"),
+    ("Hi, I'd like a table.", "complete"),
+    ("Good.", "complete"),
+    ("Yes.", "complete"),
 ])
 def test_transcript_cues(text: str, cue: str) -> None:
     assert transcript_cue(text) == cue
@@ -90,6 +96,19 @@ def test_budgets_short_when_complete_long_for_hesitation_and_bounded() -> None:
                for p in (None, 0.0, 0.5, 1.0) for c in (None, "complete", "entity", "unfinished")
                for m in (True, False) for w in (True, False))
     assert policy.complete_ms <= 400
+
+
+def test_a_greeting_alone_waits_for_the_reason_of_the_call() -> None:
+    """"Hi there. [a breath] What time do you open?": the model hears "Hi there." as a
+    finished turn; the bot must not answer the greeting into the caller's question."""
+    detector = TurnDetector()
+    detector.pause(3.0)
+    detector.add_probability(0.95)
+    detector.add_transcript("Hi there.")
+    assert detector.decision().reason == "greeting"
+    assert not detector.due(416) and not detector.due(800)
+    assert detector.due(detector.policy.greeting_ms)
+    assert detector.policy.greeting_ms <= detector.policy.unsure_ms
 
 
 def test_the_model_and_the_words_must_both_agree_before_a_short_wait() -> None:
