@@ -113,10 +113,19 @@ class ResumableSink:
         return cleared or dropped
 
     # Pause / resume ------------------------------------------------------------------------
-    async def pause(self) -> bool:
-        """Clear the transport but keep the unheard rest; True if anything was playing."""
-        if self.paused is not None or not self._inner.busy:
+    async def pause(self, replying: bool = False) -> bool:
+        """Clear the transport but keep the unheard rest; True if anything was playing.
+
+        `replying`: a reply is still being made. When nothing is playing at that moment (its
+        next sentence is still being synthesized), the pause holds what comes next: without
+        it, that sentence would play over the caller who just started talking."""
+        if self.paused is not None:
             return False
+        if not self._inner.busy:
+            if not replying:
+                return False
+            self.paused = Paused(at=time.monotonic())
+            return True
         now = time.monotonic()
         live = [p for p in self._live if not p.finished.is_set()]
         paused = Paused(at=now)

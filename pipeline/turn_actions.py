@@ -120,7 +120,8 @@ class TurnActions:
     async def _pause_bot(self, action: PauseBot) -> None:
         """A possible interruption: stop the sound now (`clear`), keep the reply until its
         words say whether it was one."""
-        if await self._sink.pause():
+        replying = self._reply is not None and not self._reply.done()
+        if await self._sink.pause(replying=replying):
             self.echo_guard.drop_unplayed()
             self._paused = (action.onset_at, time.monotonic())
             log.info("bot paused call_sid=%s clear_after_ms=%.0f voiced_ms=%.0f partial=%r",
@@ -201,7 +202,7 @@ class TurnActions:
             # `wait`, not `await reply`: the reply's cancellation must not be mistaken for
             # ours. If this task is cancelled meanwhile (hang-up), that propagates.
             await asyncio.wait({reply})
-        if cleared:
+        if cleared or paused is not None:  # paused between two sentences: nothing to clear
             self.barge_ins += 1
             log.info("barge-in call_sid=%s cause=%s clear_after_ms=%.0f",
                      self.call.call_sid, cause, latency_ms)

@@ -92,3 +92,23 @@ async def test_clear_without_pause_is_a_plain_barge_in() -> None:
     assert await sink.clear()
     assert segment.cleared and not sink.busy
     assert not await sink.pause()  # nothing playing: nothing to pause
+
+
+async def test_a_pause_between_two_sentences_holds_the_next_one() -> None:
+    """The caller starts talking after one sentence has played and before the next is
+    synthesized: nothing to clear, but the next sentence must not play over them."""
+    transport = FakeTransport()
+    sink = ResumableSink(transport)
+    first = SpokenSegment("Our prices depend on the day.", _audio(4000))
+    sink.play(first)
+    transport.advance(4000)  # played in full: the transport is idle
+    assert not await sink.pause()  # no reply being made: nothing to pause
+    assert await sink.pause(replying=True)
+    second = SpokenSegment("Lunch is fifteen dollars.", _audio(6000))
+    sink.play(second)
+    assert not transport.queue and not sink.audible and transport.clears == 0
+    sink.resume()  # no words after all: it plays now
+    assert transport.queue and transport.queue[0].audio == second.audio
+    assert await sink.pause(replying=True)  # now it is playing: a real clear
+    assert transport.clears == 1
+    assert sink.drop() and second.cleared
