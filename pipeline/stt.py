@@ -108,7 +108,8 @@ class WhisperStt:
         try:
             with self._lock:
                 if partial or (self._short_window and duration <= 24):
-                    text, trustworthy = self._decode_short(audio, duration, budget)
+                    text, trustworthy = self._decode_short(audio, duration, budget,
+                                                           silence_pad=not partial)
                     if trustworthy or partial:
                         return text
                     self.fallbacks += 1
@@ -117,19 +118,25 @@ class WhisperStt:
         except Exception as exc:  # CTranslate2 raises plain RuntimeErrors
             raise EngineError("stt", f"{type(exc).__name__}: {exc}") from exc
 
-    def _decode_short(self, audio: np.ndarray, duration: float, budget: int) -> tuple[str, bool]:
+    def _decode_short(self, audio: np.ndarray, duration: float, budget: int,
+                      silence_pad: bool = True) -> tuple[str, bool]:
+        from faster_whisper.audio import pad_or_trim
+
         window_s = min(30, max(6, math.ceil(duration * 1.25) + 2))
-        features = self._model.feature_extractor(audio)
-        # The rest of the window is silence, as in Whisper's training (audio padded with
-        # zeros, so the log-mel floor), not the zeros `pad_or_trim` adds: in normalized units
-        # those are a loud hum, and on a short clip ("Hi there.") the decoder looped over
-        # them 30 times in 30 (the floor: 0 times in 30).
-        floor = float(features.max()) - 2.0 if features.size else -1.5
         width = window_s * 100
-        if features.shape[-1] < width:
+        features = self._model.feature_extractor(audio)
+        if silence_pad and features.shape[-1] < width:
+            # The rest of the window is silence, as in Whisper's training (audio padded with
+            # zeros: the log-mel floor), not the zeros `pad_or_trim` adds, which in normalized
+            # units are a hum: on a short clip ("Hi there.") the decoder looped over them 30
+            # times in 30, over the floor 0 times in 30.
+            floor = float(features.max()) - 2.0 if features.size else -1.5
             features = np.pad(features, ((0, 0), (0, width - features.shape[-1])),
                               constant_values=floor)
-        features = features[:, :width]
+        # A partial transcript (a sound over the bot) keeps faster-whisper's own padding:
+        # backchannel detection is tuned on it (over the hum, tiny.en spells a hummed
+        # "mm-hmm" "M-H-N."; over silence it hears "and my mom", words that stop the bot).
+        features = pad_or_trim(features, width)
         encoded = self._model.encode(features)
         result = self._model.model.generate(
             encoded, [self._prompt], beam_size=1, max_length=budget,
