@@ -95,15 +95,13 @@ class CallRecorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while self._memory:
+        if self._memory:
             try:
-                await asyncio.to_thread(self.spool.append, self._memory[0])
+                await asyncio.to_thread(self.spool.append_many, list(self._memory))
             except OSError as exc:
                 log.error("%d events lost: the database and the spool's disk refused them (%s)",
                           len(self._memory), exc)
-                self._memory.clear()
-                break
-            self._memory.popleft()
+            self._memory.clear()
 
     async def handle(self, event: PipelineEvent) -> None:
         """Store one event (a per-event `EventBus` subscriber)."""
@@ -173,23 +171,24 @@ class CallRecorder:
                 log.exception("spool replay failed")
 
     async def _to_spool(self, events: Sequence[PipelineEvent]) -> None:
-        for event in events:
-            await self._spool_one(event)
-
-    async def _spool_one(self, event: PipelineEvent) -> None:
+        """Spool a batch in one write and one disk sync (not one per event)."""
+        if not events:
+            return
         # Once an event waits in memory, the ones after it wait there too: order is kept.
         if not self._memory:
             try:
-                await asyncio.to_thread(self.spool.append, event)
+                await asyncio.to_thread(self.spool.append_many, events)
                 return
             except OSError as exc:
                 log.error("spool disk refused a write (%s); events wait in memory until the "
-                          "database is back, call_sid=%s", exc, event.call_sid)
-        if len(self._memory) >= self._max_memory_events:
-            self.dropped += 1
-            log.error("in-memory spool full: dropped %s call_sid=%s", event.kind, event.call_sid)
-            return
-        self._memory.append(event)
+                          "database is back, call_sid=%s", exc, events[0].call_sid)
+        for event in events:
+            if len(self._memory) >= self._max_memory_events:
+                self.dropped += 1
+                log.error("in-memory spool full: dropped %s call_sid=%s", event.kind,
+                          event.call_sid)
+                continue
+            self._memory.append(event)
 
     async def _consume(self, offset: int) -> None:
         if not offset:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -82,32 +83,44 @@ class EventSpool:
 
         Raises `OSError` when the disk refuses the write (full, read-only); the file is then
         cut back to where it was, so no half line is left in front of later events."""
-        line = (encode_event(event) + "\n").encode()
+        return self.append_many([event]) == 1
+
+    def append_many(self, events: Sequence[PipelineEvent]) -> int:
+        """Add events at the end, in order, in one write and one disk sync (a batch the
+        database refused); returns how many were kept. An event the spool has no room for is
+        dropped with an error log (what was said keeps the last fifth of the room).
+
+        Raises `OSError` when the disk refuses the write, none of them then kept: the file is
+        cut back to where it was, so no half line is left in front of later events."""
         with self._lock:
             self._repair_once()
             size = self._size()
-            limit = self.max_bytes
-            if event.kind in _LOW_PRIORITY:
-                limit = int(self.max_bytes * LOW_PRIORITY_SHARE)
-            if size + len(line) > limit:
-                self.dropped += 1
-                log.error(
-                    "spool full (%d bytes): dropped %s call_sid=%s",
-                    size,
-                    event.kind,
-                    event.call_sid,
-                )
-                return False
+            lines: list[bytes] = []
+            end = size
+            for event in events:
+                line = (encode_event(event) + "\n").encode()
+                limit = self.max_bytes
+                if event.kind in _LOW_PRIORITY:
+                    limit = int(self.max_bytes * LOW_PRIORITY_SHARE)
+                if end + len(line) > limit:
+                    self.dropped += 1
+                    log.error("spool full (%d bytes): dropped %s call_sid=%s",
+                              end, event.kind, event.call_sid)
+                    continue
+                lines.append(line)
+                end += len(line)
+            if not lines:
+                return 0
             try:
                 with self.path.open("ab") as spool:
-                    spool.write(line)
+                    spool.write(b"".join(lines))
                     spool.flush()
                     os.fsync(spool.fileno())
             except OSError:
                 with contextlib.suppress(OSError):
                     os.truncate(self.path, size)
                 raise
-            return True
+            return len(lines)
 
     def pending(self) -> bool:
         """True while events wait to be replayed."""

@@ -1,5 +1,8 @@
+import os
 from datetime import UTC, datetime
 from pathlib import Path
+
+import pytest
 
 from db.spool import EventSpool, decode_event, encode_event
 from pipeline.events import CallEnded, CallEvent, CallStarted, TurnMetrics, UtteranceDone
@@ -50,6 +53,25 @@ def test_a_full_spool_keeps_what_was_said_longest(tmp_path: Path) -> None:
     assert spool.append(_utterance(9))
     assert not spool.append(_utterance(10))
     assert spool.dropped == 2
+
+
+def test_a_batch_is_spooled_in_one_disk_sync_in_order_within_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused batch (200 events, say, while the database is down) costs one write and one
+    fsync, not one each; the bound and the priorities hold event by event."""
+    syncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (syncs.append(fd), real_fsync(fd))[1])
+    line = len(encode_event(_utterance(1))) + 1
+    spool = EventSpool(tmp_path, max_bytes=line * 10)
+    batch = [_utterance(turn) for turn in range(8)] + [CallEvent("CA1", "barge_in", {}, T0)]
+    batch += [_utterance(turn) for turn in range(8, 12)]
+    assert spool.append_many(batch) == 10  # the call event (past 80 %) and turns 10, 11 out
+    assert len(syncs) == 1 and spool.dropped == 3
+    kept = [e.turn for _, e in spool.peek(20) if isinstance(e, UtteranceDone)]
+    assert kept == list(range(10))
+    assert spool.append_many([]) == 0 and len(syncs) == 1
 
 
 def test_a_half_written_last_line_is_cut_not_replayed(tmp_path: Path) -> None:

@@ -57,10 +57,10 @@ async def test_events_wait_in_memory_when_the_spool_disk_is_full(
     await recorder.handle(first[0])  # the database is down: this one goes to disk
     disk_full = OSError(errno.ENOSPC, "No space left on device")
 
-    def refuse(event: PipelineEvent) -> bool:
+    def refuse(events: list[PipelineEvent]) -> int:
         raise disk_full
 
-    monkeypatch.setattr(recorder.spool, "append", refuse)
+    monkeypatch.setattr(recorder.spool, "append_many", refuse)
     for event in first[1:]:
         await recorder.handle(event)
     monkeypatch.undo()  # the disk has room again: later events still queue behind memory
