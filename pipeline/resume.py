@@ -114,18 +114,14 @@ class ResumableSink:
 
     # Pause / resume ------------------------------------------------------------------------
     async def pause(self, replying: bool = False) -> bool:
-        """Clear the transport but keep the unheard rest; True if anything was playing.
+        """Clear the transport but keep the unheard rest; True if it paused (something was
+        playing, or `replying`).
 
         `replying`: a reply is still being made. When nothing is playing at that moment (its
         next sentence is still being synthesized), the pause holds what comes next: without
         it, that sentence would play over the caller who just started talking."""
-        if self.paused is not None:
+        if self.paused is not None or not (self._inner.busy or replying):
             return False
-        if not self._inner.busy:
-            if not replying:
-                return False
-            self.paused = Paused(at=time.monotonic())
-            return True
         now = time.monotonic()
         live = [p for p in self._live if not p.finished.is_set()]
         paused = Paused(at=now)

@@ -130,7 +130,7 @@ class WhisperStt:
             # zeros: the log-mel floor), not the zeros `pad_or_trim` adds, which in normalized
             # units are a hum: on a short clip ("Hi there.") the decoder looped over them 30
             # times in 30, over the floor 0 times in 30.
-            floor = float(features.max()) - 2.0 if features.size else -1.5
+            floor = float(features.max()) - 2.0  # `_run` never decodes empty audio
             features = np.pad(features, ((0, 0), (0, width - features.shape[-1])),
                               constant_values=floor)
         # A partial transcript (a sound over the bot) keeps faster-whisper's own padding:

@@ -172,9 +172,8 @@ _DAY = re.compile(r"\b\d{1,2}(st|nd|rd|th)?\b|\b(first|second|third|fourth|fifth
                   r"tomorrow|monday|tuesday|wednesday|thursday|friday|saturday|sunday)\b", re.I)
 # "Hi there." / "Hello?" alone: a caller who greets the bot nearly always goes on with why they
 # called, after a breath ("Hi there. What time do you open?"), so it is no turn of its own.
-GREETING_WORDS = frozenset({"hi", "hello", "hey", "hiya", "howdy", "there", "good", "morning",
-                            "afternoon", "evening", "oh", "yes", "yeah", "um", "uh"})
 GREETINGS = frozenset({"hi", "hello", "hey", "hiya", "howdy", "morning", "afternoon", "evening"})
+GREETING_WORDS = GREETINGS | {"there", "good", "oh", "yes", "yeah", "um", "uh"}
 SHORT_ANSWERS = frozenset({"yes", "no", "yeah", "yep", "nope", "sure", "okay", "ok", "correct",
                            "right", "exactly", "absolutely", "please", "thanks"})
 ENTITY_PROMPTS: list[tuple[Entity, re.Pattern[str]]] = [

@@ -82,20 +82,21 @@ async def test_barge_in_sends_clear_within_half_a_second_and_keeps_only_what_was
     server_side = served.call_events(caller.call_sid, "barge_in")[0].detail["clear_ms"]
     bot = [u for u in served.utterances(caller.call_sid) if u.role == "bot"]
     cut = bot[1]
-    if not after:
-        # On a loaded machine the caller may start just as a sentence has played and before
-        # the next is synthesized: nothing is playing, so no `clear`; the next sentence is
-        # held and never plays. The caller heard whole sentences only, none after they began.
-        assert cut.text.endswith(".") and 0 < server_side < 500, (result.clears, cut.text)
-        after = [interrupting.speech_started_at + server_side / 1000]
-    clear_after_s = after[0] - interrupting.speech_started_at
     # The server decides within 0.5 s of the VAD's onset (245–373 ms on an idle machine,
     # up to ~475 ms with the models busy). The caller's clock also counts how long the VAD
     # takes to be sure of speech: "Ac-" (130 ms, then a dip) is caught at once or, with
     # some alignments of the 32 ms windows, only at "-tually", 0.3 s later (measured
     # 0.31–0.48 s, and 0.64–0.65 s in about one run of four).
     assert 0 < server_side < 500, f"server decided after {server_side} ms"
-    assert 0 < clear_after_s < 0.8, f"clear after {clear_after_s:.3f} s (server: {server_side} ms)"
+    if after:
+        clear_after_s = after[0] - interrupting.speech_started_at
+        assert 0 < clear_after_s < 0.8, (
+            f"clear after {clear_after_s:.3f} s (server: {server_side} ms)")
+    else:
+        # On a loaded machine the caller may start just as a sentence has played and before
+        # the next is synthesized: nothing is playing, so no `clear`; the next sentence is
+        # held and never plays. The caller heard whole sentences only, none after they began.
+        assert cut.text.endswith("."), (result.clears, cut.text)
     assert cut.interrupted
     assert cut.generated_text == LONG_REPLY
     assert cut.text and LONG_REPLY.startswith(cut.text) and len(cut.text) < len(LONG_REPLY)
