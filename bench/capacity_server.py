@@ -3,7 +3,7 @@
 Engines are test doubles that are honest about it (a fixed transcript, a fixed reply streamed
 word by word, `ToneTts`), so what is left is the server's own work per call. Every inbound
 media frame's lag is measured where it is processed: `TwilioStream` is replaced (in
-`voicebot.media_endpoint`, for this process only) by a subclass that times `_dispatch` and
+`voicebot.media_endpoint`, for this process only) by a subclass that times `_dispatch` (a frame's synchronous work) and
 compares the moment a frame was processed with its media timestamp.
 
 Every worker process reports through files in `BENCH_DIR`, so several workers sharing one
@@ -191,18 +191,18 @@ class InstrumentedStream(TwilioStream):
 
     _base: float | None = None
 
-    async def _dispatch(self, event: object) -> None:
+    def _dispatch(self, event: object) -> Any:
         if type(event) is not Media:
-            await super()._dispatch(event)  # type: ignore[arg-type]
-            return
+            return super()._dispatch(event)  # type: ignore[arg-type]
         start = time.perf_counter()
-        await super()._dispatch(event)  # type: ignore[arg-type]
+        pending = super()._dispatch(event)  # type: ignore[arg-type]
         now = time.monotonic()
         # When the frame was due by its own clock: this call's best offset plus its timestamp.
         offset = now - event.timestamp_ms / 1000  # type: ignore[attr-defined]
         if self._base is None or offset < self._base:
             self._base = offset
         STATS.observe(offset - self._base, time.perf_counter() - start)
+        return pending
 
 
 def _read(path: Path) -> str:

@@ -49,9 +49,7 @@ from pipeline.speaking import Speaking
 from pipeline.speech import AudioSink, PeerGone
 from pipeline.turn_actions import Prepared, TurnActions
 from pipeline.turn_detector import TurnDetector
-from pipeline.turn_taking import (
-    TurnTaking,
-)
+from pipeline.turn_taking import Action, TurnTaking
 from pipeline.turn_timing import TurnTiming
 
 log = logging.getLogger(__name__)
@@ -158,13 +156,24 @@ class Conversation(TurnActions, Speaking):
     # Inputs --------------------------------------------------------------------------------
     async def on_audio(self, pcm8k: np.ndarray) -> None:
         """One inbound frame of caller audio (8 kHz int16)."""
+        actions = self.hear(pcm8k)
+        if actions:
+            await self._act(actions)
+
+    def hear(self, pcm8k: np.ndarray) -> list[Action]:
+        """`on_audio` in two halves: this one listens (synchronous, cheap: it runs for every
+        frame where the server parsed it) and returns what turn-taking decided, for `act`."""
         self._track_idle(pcm8k.size / 8.0)
         # The bot's voice coming back (speakerphone) is removed before anything listens.
         self._clock += pcm8k.size / 8000
         for chunk, sent_at in self._sink.take_sent():
             self.echo_guard.far_end(ulaw_to_pcm16(chunk), sent_at - self._mono0)
         pcm8k = self.echo_guard.process(pcm8k, self._clock)
-        await self._act(self.turns.feed(pcm8k, time.monotonic(), self._sink.audible))
+        return self.turns.feed(pcm8k, time.monotonic(), self._sink.audible)
+
+    async def act(self, actions: list[Action]) -> None:
+        """Carry out what `hear` returned (replies, barge-ins, transcriptions)."""
+        await self._act(actions)
 
     def _track_idle(self, frame_ms: float) -> None:
         """After `idle_reprompt_s` of caller silence ask if they are still there; after

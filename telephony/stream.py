@@ -20,15 +20,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from media.mulaw import ulaw_to_pcm16
 from pipeline.conversation import CallInfo, Conversation
 from pipeline.speech import PeerGone
+from telephony.direct import DIRECT_TEXT, DirectText
 from telephony.messages import (
     Connected,
     Dtmf,
@@ -80,12 +83,18 @@ class StreamStats:
 EndStream = Callable[[str], Awaitable[None]]
 ConversationFactory = Callable[[CallInfo, TwilioPlayout, EndStream], Awaitable[Conversation]]
 LimitHook = Callable[[str, str], Awaitable[object]]  # (call_sid, end reason)
+Pending = Coroutine[Any, Any, None]  # a message's async work, left by `_dispatch`
 
 # How long a server-side end may spend on the closing frame and on the `on_limit` hook.
 CLOSE_TIMEOUT_S = 5.0
 # End reasons of the stream's own limits: only these run `on_limit` (a REST hang-up). A call
 # that call control ended (`bot_hangup`, `transfer`) must not be hung up again.
 LIMIT_REASONS = frozenset({"max_duration", "send_timeout"})
+
+# The direct path's backlog (messages waiting behind one that left async work): reading the
+# socket pauses at this many and resumes when it is down to the second.
+BACKLOG_PAUSE = 100
+BACKLOG_RESUME = 20
 
 # Sample the inbound frame lag once a second per call (Twilio sends a frame every 20 ms).
 LAG_SAMPLE_EVERY = 50
@@ -142,6 +151,15 @@ class TwilioStream:
         # against this call's best frame; reported every `LAG_SAMPLE_EVERY`th frame.
         self.on_frame_lag: Callable[[float], None] | None = None
         self._lag_base: float | None = None
+        # The direct path (see `_on_text`).
+        self._direct: DirectText | None = None
+        self._backlog: deque[str] | None = None  # not None while a message's task runs
+        self._stepping: asyncio.Task[None] | None = None
+        self._step_first: Pending | None = None
+        self._receiving: asyncio.Future[dict[str, object]] | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._direct_error: Exception | None = None
+        self._broken = False
 
     def _transition(self, event: str, to: StreamState | None = None) -> None:
         if event not in _ALLOWED[self.state]:
@@ -166,10 +184,17 @@ class TwilioStream:
         try:
             async with limit:
                 self._deadline = limit
+                extensions = self._ws.scope.get("extensions") or {}
+                direct: DirectText | None = extensions.get(DIRECT_TEXT)
+                if direct is not None:
+                    self._direct = direct
+                    direct.attach(self._on_text)
                 # `expired()` too: a cancellation swallowed somewhere below must not let the
                 # call run past its limit.
                 while self.state is not StreamState.STOPPED and not limit.expired():
-                    message = await self._ws.receive()
+                    message = await self._receive()
+                    if message is None:
+                        continue  # the direct path woke us: see the state
                     if message["type"] == "websocket.disconnect":
                         self.end_reason = "disconnect"
                         break
@@ -188,12 +213,110 @@ class TwilioStream:
             self.end_reason = "error"
         finally:
             self._deadline = None
+            await self._stop_direct()
             if limit.expired() or self._ending is not None:
                 self._ending = self.end_reason = self._ending or "max_duration"
                 log.log(logging.WARNING if self.end_reason in LIMIT_REASONS else logging.INFO,
                         "ending call call_sid=%s: %s", self.call_sid, self.end_reason)
             await self._finish()
         return self.end_reason
+
+    # -- the direct path: text messages as the server parses them ------------------------------
+    #
+    # With `telephony.direct`, a media frame is handled synchronously where the server parsed
+    # it; only a frame that leaves async work (a turn-taking action, `start`, a key press)
+    # starts a task, and the messages after it wait in `_backlog`, in order, until it is done.
+    # The run loop above then only sees the end of the connection (and binary messages);
+    # `_wake` brings it round when the direct path stops the stream or fails.
+
+    async def _receive(self) -> dict[str, object] | None:
+        if self._direct is None:
+            return await self._ws.receive()
+        self._raise_direct_error()
+        if self._receiving is None:
+            self._receiving = asyncio.ensure_future(self._ws.receive())
+        self._wake = asyncio.get_running_loop().create_future()
+        await asyncio.wait((self._receiving, self._wake), return_when=asyncio.FIRST_COMPLETED)
+        self._wake = None
+        self._raise_direct_error()
+        if not self._receiving.done():
+            return None
+        receiving, self._receiving = self._receiving, None
+        return receiving.result()
+
+    def _on_text(self, text: str) -> None:
+        """One text message from the direct path (runs in the server's `data_received`)."""
+        if self._broken:
+            return  # the call is ending with an error: nothing more is handled
+        backlog = self._backlog
+        if backlog is not None:
+            backlog.append(text)
+            if len(backlog) == BACKLOG_PAUSE and self._direct is not None:
+                self._direct.pause_reading()
+            return
+        try:
+            pending = self._take(text)
+        except Exception as exc:
+            self._direct_failed(exc)
+            return
+        if pending is not None:
+            self._backlog = deque()
+            self._step_first = pending
+            self._stepping = asyncio.get_running_loop().create_task(
+                self._step(pending), name=f"stream-step:{self.call_sid}")
+
+    async def _step(self, pending: Pending) -> None:
+        """Finish one message's async work, then the messages that arrived meanwhile."""
+        try:
+            await self._run_pending(pending)
+            backlog = self._backlog
+            assert backlog is not None
+            while backlog:
+                text = backlog.popleft()
+                if len(backlog) == BACKLOG_RESUME and self._direct is not None:
+                    self._direct.resume_reading()
+                next_pending = self._take(text)
+                if next_pending is not None:
+                    await self._run_pending(next_pending)
+            self._backlog = None
+            if self._direct is not None:
+                self._direct.resume_reading()
+        except Exception as exc:
+            self._direct_failed(exc)
+
+    def _direct_failed(self, exc: Exception) -> None:
+        # Raised in the run loop, so it ends the call as it would have there.
+        self._broken = True
+        self._direct_error = exc
+        self._wake_run()
+
+    def _raise_direct_error(self) -> None:
+        error, self._direct_error = self._direct_error, None
+        if error is not None:
+            raise error
+
+    def _wake_run(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _stop_direct(self) -> None:
+        if self._direct is not None:
+            self._direct.detach()
+            self._direct = None
+        tasks = [t for t in (self._receiving, self._stepping) if t is not None and not t.done()]
+        self._receiving = self._stepping = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+        if self._step_first is not None:
+            # A step cancelled before it ran never awaited its message's work: close it.
+            self._step_first.close()
+            self._step_first = None
+
+    # -- one message -----------------------------------------------------------------------------
 
     async def _on_frame(self, message: dict[str, object]) -> None:
         text = message.get("text")
@@ -202,12 +325,24 @@ class TwilioStream:
             self._bad("binary frame")
             return
         assert isinstance(text, str)
+        pending = self._take(text)
+        if pending is not None:
+            await self._run_pending(pending)
+
+    def _take(self, text: str) -> Pending | None:
+        """Parse and handle one text message; returns the async work it leaves, if any."""
         if len(text) > self._max_message_bytes:
             self._bad(f"message of {len(text)} bytes exceeds {self._max_message_bytes}")
-            return
+            return None
         try:
-            event = parse_message(text)
-            await self._dispatch(event)
+            return self._dispatch(parse_message(text))
+        except (ProtocolError, IllegalTransition) as exc:
+            self._bad(str(exc))
+            return None
+
+    async def _run_pending(self, pending: Pending) -> None:
+        try:
+            await pending
         except (ProtocolError, IllegalTransition) as exc:
             self._bad(str(exc))
 
@@ -218,21 +353,24 @@ class TwilioStream:
             log.warning("ignored message call_sid=%s: %s (total %d)",
                         self.call_sid, reason, self.stats.bad_messages)
 
-    async def _dispatch(self, event: InboundMessage) -> None:
+    def _dispatch(self, event: InboundMessage) -> Pending | None:
+        """Handle one parsed message now; returns the async work left to do, if any."""
         if isinstance(event, Media):
             self._transition("media")
             self._check_stream(event.stream_sid)
             if event.track not in ("inbound", "inbound_track") or not event.payload:
-                return
+                return None
             self.stats.frames += 1
-            assert self.conversation is not None
-            await self.conversation.on_audio(ulaw_to_pcm16(event.payload))
+            conversation = self.conversation
+            assert conversation is not None
+            actions = conversation.hear(ulaw_to_pcm16(event.payload))
             if self.on_frame_lag is not None and self.stats.frames % LAG_SAMPLE_EVERY == 0:
                 offset = time.monotonic() - event.timestamp_ms / 1000
                 if self._lag_base is None or offset < self._lag_base:
                     self._lag_base = offset
                 self.on_frame_lag(offset - self._lag_base)
-        elif isinstance(event, Mark):
+            return conversation.act(actions) if actions else None
+        if isinstance(event, Mark):
             self._transition("mark")
             self._check_stream(event.stream_sid)
             self.stats.marks += 1
@@ -243,17 +381,19 @@ class TwilioStream:
             self._check_stream(event.stream_sid)
             self.stats.dtmf += 1
             assert self.conversation is not None
-            await self.conversation.on_dtmf(event.digit)
+            return self.conversation.on_dtmf(event.digit)
         elif isinstance(event, Start):
             self._transition("start", StreamState.STARTED)
-            await self._start(event)
+            return self._start(event)
         elif isinstance(event, Stop):
             self._transition("stop")
             self._check_stream(event.stream_sid)
             self.state = StreamState.STOPPED
             self.end_reason = "stop"
+            self._wake_run()
         elif isinstance(event, Connected):
             self._transition("connected", StreamState.CONNECTED)
+        return None
 
     def _check_stream(self, stream_sid: str) -> None:
         if stream_sid != self.stream_sid:

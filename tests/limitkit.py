@@ -24,6 +24,7 @@ from telephony.stream import TwilioStream
 from tests.callkit import Served
 from voicebot.app import create_app
 from voicebot.limits import BodyLimit, CallsPerAddress, Limits, signed_by_twilio, stream_limits
+from voicebot.ws_protocol import DirectTextProtocol
 
 
 def install_limits(app: Starlette, settings: Any) -> None:
@@ -70,7 +71,7 @@ async def limited_server(settings: Any, engines: Any, *, sock: socket.socket | N
         sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=ws_max_size,
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, ws=DirectTextProtocol)
     server = uvicorn.Server(config)
     with stream_limits_applied(settings, app.state):
         task = asyncio.create_task(server.serve(sockets=[sock]))

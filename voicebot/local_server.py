@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 import uvicorn
 from starlette.applications import Starlette
 
+from voicebot.ws_protocol import DirectTextProtocol
+
 
 @contextlib.asynccontextmanager
 async def running_server(app: Starlette, host: str = "127.0.0.1") -> AsyncIterator[str]:
     """Serve `app` on `host`:<free port>; yields the base URL (http://host:port)."""
     config = uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="on",
-                            ws_max_size=1 << 20)
+                            ws_max_size=1 << 20, ws=DirectTextProtocol)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

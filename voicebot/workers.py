@@ -34,6 +34,8 @@ from typing import Any
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
+from voicebot.ws_protocol import DirectTextProtocol
+
 log = logging.getLogger(__name__)
 
 FACTORY = "voicebot.workers:create_app_from_env"
@@ -251,7 +253,7 @@ def serve(
     config = uvicorn.Config(
         factory, factory=True, host=host, port=port, workers=workers,
         log_level=log_level.lower(), ws_max_size=ws_max_size, proxy_headers=False,
-        lifespan="on", timeout_graceful_shutdown=5,
+        lifespan="on", timeout_graceful_shutdown=5, ws=DirectTextProtocol,
     )
     try:
         if workers <= 1:

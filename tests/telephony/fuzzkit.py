@@ -47,6 +47,7 @@ from tests.fakes.engines import instant_engines
 from tests.limitkit import install_limits, stream_limits_applied
 from voicebot.app import create_app
 from voicebot.settings import load_settings
+from voicebot.ws_protocol import DirectTextProtocol
 
 STREAM_SID = "MZ" + "5" * 32
 CALL_SID = "CA" + "5" * 32
@@ -319,7 +320,7 @@ class FuzzServer:
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         config = uvicorn.Config(self.app, lifespan="on", log_level="warning", access_log=False,
                                 ws_max_size=self.settings.max_message_bytes,
-                                timeout_graceful_shutdown=2)
+                                timeout_graceful_shutdown=2, ws=DirectTextProtocol)
         self._server = uvicorn.Server(config)
         ready = threading.Event()
 

@@ -1,0 +1,28 @@
+"""The direct text path's contract between the ASGI server and a media stream.
+
+A server that can hand text messages to the app as they are parsed (without the ASGI receive
+queue) puts a `DirectText` handle in the WebSocket scope's extensions under `DIRECT_TEXT`
+(`voicebot.ws_protocol` does it for uvicorn). `telephony.stream.TwilioStream` uses it when it
+is there and `receive()` for everything when it is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+DIRECT_TEXT = "voicebot.direct_text"
+
+
+class DirectText(Protocol):
+    def attach(self, handler: Callable[[str], None]) -> None:
+        """Complete text messages go to `handler`, in order, synchronously; it must not
+        raise or block."""
+
+    def detach(self) -> None:
+        """Back to `receive()` for everything (reading resumes if it was paused)."""
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket (the handler has a backlog)."""
+
+    def resume_reading(self) -> None: ...

@@ -1,0 +1,289 @@
+"""The direct text path: uvicorn's protocol hands text messages to the stream synchronously.
+
+Two halves: `voicebot.ws_protocol` over a real uvicorn server and socket (order, flow
+control, what still goes through `receive()`), and `TwilioStream` driven through a stand-in
+handle (backlog order behind async work, `stop`, failures), whose frames it cannot tell from
+the server's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import websockets
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+
+from pipeline.call_setup import CallInfo
+from telephony.direct import DIRECT_TEXT
+from telephony.stream import BACKLOG_PAUSE, TwilioStream
+from tests.telephony.fuzzkit import valid
+from voicebot.local_server import running_server
+
+# -- the protocol, over a real server (`running_server` uses it) ------------------------
+
+
+async def test_text_goes_to_the_handler_in_order_and_the_rest_through_receive() -> None:
+    seen: list[Any] = []
+    done = asyncio.Event()
+
+    async def endpoint(websocket: WebSocket) -> None:
+        direct = websocket.scope["extensions"][DIRECT_TEXT]
+        await websocket.accept()
+        direct.attach(lambda text: seen.append(("direct", text)))
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                seen.append(("disconnect", message["code"]))
+                break
+            seen.append(("receive", message.get("bytes")))
+        done.set()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+    async with running_server(app) as base:
+        async with websockets.connect(base.replace("http", "ws") + "/ws") as ws:
+            for index in range(200):
+                await ws.send(f"message {index}")
+            await ws.send(b"\x00binary")
+            await ws.send(["frag", "mented"])  # a fragmented text message
+            await ws.send("é" * 3)
+        await asyncio.wait_for(done.wait(), 5)
+    texts = [item for kind, item in seen if kind == "direct"]
+    assert texts == [f"message {index}" for index in range(200)] + ["fragmented", "ééé"]
+    assert ("receive", b"\x00binary") in seen
+    assert seen[-1] == ("disconnect", 1000)
+
+
+async def test_a_paused_direct_path_stops_reading_until_resumed() -> None:
+    got: list[str] = []
+    paused = asyncio.Event()
+    resume = asyncio.Event()
+    finished = asyncio.Event()
+
+    async def endpoint(websocket: WebSocket) -> None:
+        direct = websocket.scope["extensions"][DIRECT_TEXT]
+        await websocket.accept()
+
+        def handler(text: str) -> None:
+            got.append(text)
+            if text == "pause":
+                direct.pause_reading()
+                paused.set()
+
+        direct.attach(handler)
+        await resume.wait()
+        seen_while_paused = len(got)
+        direct.resume_reading()
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+        got.append(f"while paused: {seen_while_paused}")
+        finished.set()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+    async with running_server(app) as base:
+        async with websockets.connect(base.replace("http", "ws") + "/ws") as ws:
+            await ws.send("pause")
+            await asyncio.wait_for(paused.wait(), 5)
+            for index in range(20):
+                await ws.send(f"after {index}")
+            await asyncio.sleep(0.3)  # the server has them in its socket, unread
+            resume.set()
+            await asyncio.sleep(0.3)
+        await asyncio.wait_for(finished.wait(), 5)
+    assert got[-1] == "while paused: 1"
+    assert got[:-1] == ["pause"] + [f"after {index}" for index in range(20)]
+
+
+async def test_without_the_extension_the_stream_uses_receive() -> None:
+    """Another ASGI server: no handle in the scope, `receive()` for everything."""
+    socket = _FakeSocket(direct=None)
+    stream = TwilioStream(socket, _factory(_FakeConversation()))  # type: ignore[arg-type]
+    for text in (valid("connected"), valid("start"), valid("media"), valid("stop")):
+        socket.incoming.put_nowait({"type": "websocket.receive", "text": text})
+    assert await asyncio.wait_for(stream.run(), 5) == "stop"
+    assert stream.stats.frames == 1
+
+
+# -- the stream's side, through a stand-in handle ------------------------------------------
+
+
+class _FakeDirect:
+    def __init__(self) -> None:
+        self.handler: Callable[[str], None] | None = None
+        self.attached = asyncio.Event()
+        self.paused = 0
+        self.resumed = 0
+
+    def attach(self, handler: Callable[[str], None]) -> None:
+        self.handler = handler
+        self.attached.set()
+
+    def detach(self) -> None:
+        self.handler = None
+
+    def pause_reading(self) -> None:
+        self.paused += 1
+
+    def resume_reading(self) -> None:
+        self.resumed += 1
+
+    def send(self, text: str) -> None:
+        assert self.handler is not None, "the stream detached"
+        self.handler(text)
+
+
+class _FakeSocket:
+    def __init__(self, direct: _FakeDirect | None) -> None:
+        self.scope: dict[str, Any] = {"extensions": {DIRECT_TEXT: direct} if direct else {}}
+        self.incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.sent: list[str] = []
+
+    async def receive(self) -> dict[str, Any]:
+        return await self.incoming.get()
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+
+    async def close(self) -> None:
+        return None
+
+
+class _FakeConversation:
+    """Records what it heard; a frame whose first sample is `ACT` leaves async work."""
+
+    ACT = 7
+
+    def __init__(self, act_s: float = 0.0, fail_on: int | None = None) -> None:
+        self.heard: list[int] = []
+        self.acted: list[int] = []
+        self.act_s = act_s
+        self.fail_on = fail_on
+        self.closed: str | None = None
+
+    async def begin(self) -> None:
+        await asyncio.sleep(0.05)  # `start` leaves async work: the frames behind it wait
+
+    def hear(self, pcm: np.ndarray) -> list[Any]:
+        index = len(self.heard)
+        if index == self.fail_on:
+            raise RuntimeError("a bug in listening")
+        self.heard.append(index)
+        return [index] if int(pcm[0]) == _pcm_of(self.ACT) else []
+
+    async def act(self, actions: list[Any]) -> None:
+        await asyncio.sleep(self.act_s)
+        self.acted.extend(actions)
+
+    async def on_dtmf(self, digit: str) -> None:
+        return None
+
+    async def close(self, reason: str) -> None:
+        self.closed = reason
+
+
+def _pcm_of(byte: int) -> int:
+    from media.mulaw import ulaw_to_pcm16
+
+    return int(ulaw_to_pcm16(bytes([byte]))[0])
+
+
+def _factory(conversation: _FakeConversation) -> Any:
+    async def make(info: CallInfo, playout: Any, end: Any) -> _FakeConversation:
+        return conversation
+
+    return make
+
+
+def _media(byte: int = 0xFF) -> str:
+    return valid("media", bytes([byte]) * 160)
+
+
+async def _started(conversation: _FakeConversation
+                   ) -> tuple[TwilioStream, _FakeDirect, _FakeSocket, asyncio.Task[str]]:
+    direct = _FakeDirect()
+    socket = _FakeSocket(direct)
+    stream = TwilioStream(socket, _factory(conversation))  # type: ignore[arg-type]
+    run = asyncio.create_task(stream.run())
+    await direct.attached.wait()
+    return stream, direct, socket, run
+
+
+async def test_frames_behind_async_work_wait_in_order_and_stop_ends_the_run() -> None:
+    conversation = _FakeConversation(act_s=0.05)
+    stream, direct, _, run = await _started(conversation)
+    direct.send(valid("connected"))
+    direct.send(valid("start"))  # async: the conversation begins
+    for index in range(30):
+        direct.send(_media(_FakeConversation.ACT if index in (3, 10) else 0xFF))
+    assert conversation.heard == []  # all waiting behind `start`, none lost
+    direct.send(valid("stop"))
+    assert await asyncio.wait_for(run, 5) == "stop"
+    assert conversation.heard == list(range(30))
+    assert conversation.acted == [3, 10]  # each frame's work done before the next frame
+    assert stream.stats.frames == 30
+    assert conversation.closed == "stop"
+    assert direct.handler is None  # detached: nothing reaches a finished call
+
+
+async def test_frames_are_handled_at_once_when_nothing_is_pending() -> None:
+    conversation = _FakeConversation()
+    _, direct, socket, run = await _started(conversation)
+    direct.send(valid("start"))
+    await asyncio.sleep(0.1)
+    for index in range(5):
+        direct.send(_media())
+        assert conversation.heard == list(range(index + 1))  # synchronously
+    direct.send("not json")  # logged and ignored, like before
+    direct.send(_media())
+    assert conversation.heard == list(range(6))
+    socket.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    assert await asyncio.wait_for(run, 5) == "disconnect"
+
+
+async def test_a_long_backlog_pauses_reading_and_resumes_when_worked_off() -> None:
+    conversation = _FakeConversation()
+    _, direct, _, run = await _started(conversation)
+    direct.send(valid("start"))
+    for _ in range(BACKLOG_PAUSE + 10):
+        direct.send(_media())
+    assert direct.paused == 1 and direct.resumed == 0
+    await asyncio.sleep(0.2)
+    assert direct.resumed >= 1
+    assert conversation.heard == list(range(BACKLOG_PAUSE + 10))
+    direct.send(valid("stop"))
+    assert await asyncio.wait_for(run, 5) == "stop"
+
+
+@pytest.mark.parametrize("when", ["at once", "in the backlog"])
+async def test_a_failure_on_the_direct_path_ends_the_call_as_an_error(when: str) -> None:
+    conversation = _FakeConversation(fail_on=2)
+    stream, direct, _, run = await _started(conversation)
+    direct.send(valid("start"))
+    if when == "at once":
+        await asyncio.sleep(0.1)
+    for _ in range(5):
+        if direct.handler is not None:
+            direct.send(_media())
+    assert await asyncio.wait_for(run, 5) == "error"
+    assert conversation.heard == [0, 1]
+    assert conversation.closed == "error"
+    assert stream.stats.frames == 3
+
+
+async def test_the_call_limit_ends_a_stream_fed_only_by_the_direct_path() -> None:
+    direct = _FakeDirect()
+    conversation = _FakeConversation(act_s=10.0)  # its work would outlast the call
+    stream = TwilioStream(_FakeSocket(direct), _factory(conversation),  # type: ignore[arg-type]
+                          max_call_s=0.3)
+    run = asyncio.create_task(stream.run())
+    await direct.attached.wait()
+    direct.send(valid("start"))
+    await asyncio.sleep(0.1)
+    direct.send(_media(_FakeConversation.ACT))
+    assert await asyncio.wait_for(run, 5) == "max_duration"
+    assert conversation.acted == []  # cancelled with the call
+
