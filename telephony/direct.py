@@ -26,3 +26,8 @@ class DirectText(Protocol):
         """Stop reading the socket (the handler has a backlog)."""
 
     def resume_reading(self) -> None: ...
+
+    @property
+    def closed(self) -> bool:
+        """The connection is closing or gone: the server sent its close frame (a protocol
+        error in the peer's frames does that on its own) or the peer left."""

@@ -17,6 +17,12 @@ the app uses `receive()` for everything, as before.
 
 The handler owns flow control: `pause_reading()` stops reading the socket while it has a
 backlog, `resume_reading()` starts again.
+
+While a handler is attached, the protocol also reads the frames itself: a complete, final,
+masked text frame without extension bits (every message Twilio sends) is unmasked and
+decoded here, about a sixth of the cost of `websockets`' general parser. Any other frame —
+ping, pong, close, binary, a fragment, an oversized or malformed one — is handed whole to
+`websockets`, which checks and answers it as before; the two never see half a frame each.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import logging
 from collections.abc import Callable
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import apply_mask
+from websockets.protocol import State
 
 from telephony.direct import DIRECT_TEXT
 
@@ -51,6 +59,11 @@ class DirectText:
         self.handler = None
         self.resume_reading()
 
+    @property
+    def closed(self) -> bool:
+        protocol = self._protocol
+        return protocol.close_sent or protocol.disconnected
+
     def pause_reading(self) -> None:
         if not self._paused:
             self._paused = True
@@ -67,6 +80,80 @@ class DirectTextProtocol(WebSocketsSansIOProtocol):
 
     direct: DirectText | None = None
     _direct_paused = False
+    _reading = False  # this protocol reads the frames (see the module doc)
+    _partial = b""  # the start of a frame not yet complete
+
+    def data_received(self, data: bytes) -> None:
+        if not self._reading:
+            if not self._can_read_frames():
+                super().data_received(data)
+                return
+            self._reading = True
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        self._read_frames(data)
+
+    def _can_read_frames(self) -> bool:
+        """Only between messages of an open connection with a handler attached, and when
+        `websockets` holds no buffered bytes: the byte stream then changes hands cleanly."""
+        direct = self.direct
+        conn = self.conn
+        return (direct is not None and direct.handler is not None and self.handshake_complete
+                and not self.close_sent and conn.state is State.OPEN
+                and not conn.extensions and not conn.expect_continuation_frame
+                and not conn.reader.buffer)
+
+    def _read_frames(self, data: bytes) -> None:
+        end = len(data)
+        pos = 0
+        max_size = self.conn.max_message_size
+        while end - pos >= 2:
+            first, second = data[pos], data[pos + 1]
+            length = second & 0x7F
+            head = 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                head = 10
+            if second & 0x80:
+                head += 4  # the client's mask
+            frame_end = pos + head + length
+            direct = self.direct
+            handler = None if direct is None else direct.handler
+            if (first != 0x81 or not second & 0x80 or handler is None or self.close_sent
+                    or (max_size is not None and length > max_size)
+                    or self.conn.expect_continuation_frame):
+                # Not a plain text message, or no one to take it: `websockets` parses it.
+                if frame_end <= end and (max_size is None or length <= max_size):
+                    super().data_received(data[pos:frame_end])
+                    pos = frame_end
+                    if self._can_read_frames():
+                        continue
+                # From here on, `websockets` reads (until `_can_read_frames` again).
+                self._reading = False
+                if pos < end:
+                    super().data_received(data[pos:])
+                return
+            if frame_end > end:
+                break
+            mask = data[frame_end - length - 4 : frame_end - length]
+            try:
+                text = str(apply_mask(data[frame_end - length : frame_end], mask), "utf-8")
+            except UnicodeDecodeError:
+                self._reading = False
+                super().data_received(data[pos:])  # `websockets` closes with 1007
+                return
+            pos = frame_end
+            handler(text)
+        if pos < end:
+            self._partial = data[pos:]
 
     def handle_connect(self, event):  # type: ignore[no-untyped-def]
         super().handle_connect(event)

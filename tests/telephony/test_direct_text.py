@@ -131,6 +131,10 @@ class _FakeDirect:
     def resume_reading(self) -> None:
         self.resumed += 1
 
+    @property
+    def closed(self) -> bool:
+        return False
+
     def send(self, text: str) -> None:
         assert self.handler is not None, "the stream detached"
         self.handler(text)
