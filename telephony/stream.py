@@ -196,7 +196,11 @@ class TwilioStream:
                     if message is None:
                         continue  # the direct path woke us: see the state
                     if message["type"] == "websocket.disconnect":
-                        self.end_reason = "disconnect"
+                        # Messages read before the close are handled first, as they were
+                        # sent: a `stop` waiting in the backlog still ends the call as `stop`.
+                        await self._finish_backlog()
+                        if self.state is not StreamState.STOPPED:
+                            self.end_reason = "disconnect"
                         break
                     await self._on_frame(message)
         except TimeoutError:
@@ -283,6 +287,15 @@ class TwilioStream:
                 self._direct.resume_reading()
         except Exception as exc:
             self._direct_failed(exc)
+
+    async def _finish_backlog(self) -> None:
+        """Let the running step finish the messages waiting behind it (bounded)."""
+        step = self._stepping
+        if step is None or step.done():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.wait((step,))
 
     def _direct_failed(self, exc: Exception) -> None:
         # Raised in the run loop, so it ends the call as it would have there.

@@ -291,3 +291,17 @@ async def test_the_call_limit_ends_a_stream_fed_only_by_the_direct_path() -> Non
     assert await asyncio.wait_for(run, 5) == "max_duration"
     assert conversation.acted == []  # cancelled with the call
 
+
+
+async def test_a_stop_waiting_in_the_backlog_ends_the_call_as_stop_despite_the_close() -> None:
+    """The browser sends `stop` and closes at once: the close must not overtake the stop."""
+    conversation = _FakeConversation(act_s=0.2)
+    _, direct, socket, run = await _started(conversation)
+    direct.send(valid("start"))
+    await asyncio.sleep(0.1)
+    direct.send(_media(_FakeConversation.ACT))  # async work: what follows waits
+    direct.send(_media())
+    direct.send(valid("stop"))
+    socket.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    assert await asyncio.wait_for(run, 5) == "stop"
+    assert conversation.heard == [0, 1]
