@@ -154,15 +154,9 @@ class Conversation(TurnActions, Speaking):
         self._bus.publish(CallEnded(self.call.call_sid, utcnow(), reason))
 
     # Inputs --------------------------------------------------------------------------------
-    async def on_audio(self, pcm8k: np.ndarray) -> None:
-        """One inbound frame of caller audio (8 kHz int16)."""
-        actions = self.hear(pcm8k)
-        if actions:
-            await self._act(actions)
-
     def hear(self, pcm8k: np.ndarray) -> list[Action]:
-        """`on_audio` in two halves: this one listens (synchronous, cheap: it runs for every
-        frame where the server parsed it) and returns what turn-taking decided, for `act`."""
+        """One inbound frame of caller audio (8 kHz int16). Synchronous and cheap: it runs for
+        every frame where the server parsed it; returns what turn-taking decided, for `act`."""
         self._track_idle(pcm8k.size / 8.0)
         # The bot's voice coming back (speakerphone) is removed before anything listens.
         self._clock += pcm8k.size / 8000

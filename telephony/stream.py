@@ -293,9 +293,7 @@ class TwilioStream:
         step = self._stepping
         if step is None or step.done():
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await asyncio.wait((step,))
+        await asyncio.wait((step,), timeout=CLOSE_TIMEOUT_S)
 
     def _direct_failed(self, exc: Exception) -> None:
         # Raised in the run loop, so it ends the call as it would have there.

@@ -27,7 +27,6 @@ ping, pong, close, binary, a fragment, an oversized or malformed one — is hand
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -36,20 +35,17 @@ from websockets.protocol import State
 
 from telephony.direct import DIRECT_TEXT
 
-log = logging.getLogger(__name__)
-
 TextHandler = Callable[[str], None]
 
 
 class DirectText:
     """The app's handle on one connection's direct text path (see the module doc)."""
 
-    __slots__ = ("_paused", "_protocol", "handler")
+    __slots__ = ("_protocol", "handler")
 
     def __init__(self, protocol: DirectTextProtocol) -> None:
         self._protocol = protocol
         self.handler: TextHandler | None = None
-        self._paused = False
 
     def attach(self, handler: TextHandler) -> None:
         """From now on, complete text messages go to `handler` instead of `receive()`."""
@@ -65,14 +61,10 @@ class DirectText:
         return protocol.close_sent or protocol.disconnected
 
     def pause_reading(self) -> None:
-        if not self._paused:
-            self._paused = True
-            self._protocol.pause_direct()
+        self._protocol.pause_direct()
 
     def resume_reading(self) -> None:
-        if self._paused:
-            self._paused = False
-            self._protocol.resume_direct()
+        self._protocol.resume_direct()
 
 
 class DirectTextProtocol(WebSocketsSansIOProtocol):
@@ -179,12 +171,16 @@ class DirectTextProtocol(WebSocketsSansIOProtocol):
         handler(text)
 
     def pause_direct(self) -> None:
+        if self._direct_paused:
+            return
         self._direct_paused = True
         if not self.read_paused and not self.transport.is_closing():
             self.read_paused = True
             self.transport.pause_reading()
 
     def resume_direct(self) -> None:
+        if not self._direct_paused:
+            return
         self._direct_paused = False
         if self.read_paused and self.queue.empty() and not self.transport.is_closing():
             self.read_paused = False
