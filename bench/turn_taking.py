@@ -175,7 +175,7 @@ class OfflineCall:
             pcm = ulaw_to_pcm16(pcm16_to_ulaw(np.clip(frame * 32768, -32768, 32767)
                                               .astype(np.int16)))
             if self.guard is not None:
-                pcm = self.guard.process(pcm, now)
+                pcm = self.guard.process(pcm)
             self._deliver_due(now)
             audible = self.bot.audible if self.bot is not None else False
             self._act(self.turns.feed(pcm, now, audible), now)

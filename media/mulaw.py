@@ -41,10 +41,21 @@ PCM_TO_ULAW = _encode_table()  # index: sample + 32768
 # μ-law byte for digital silence; what Twilio sends on a quiet line.
 ULAW_SILENCE = 0xFF
 
+# A quiet frame: every sample within ±52 (-56 dBFS), 6 dB under the VAD's default gate, so
+# none of its windows can be scored as speech. The codes, to be deleted by `bytes.translate`.
+QUIET_PEAK = 52
+_QUIET_CODES = bytes(int(code) for code in np.flatnonzero(np.abs(ULAW_TO_PCM) <= QUIET_PEAK))
+
 
 def ulaw_to_pcm16(data: bytes) -> np.ndarray:
     """Decode μ-law bytes to int16 samples."""
     return ULAW_TO_PCM.take(np.frombuffer(data, dtype=np.uint8))  # take: no fancy-index setup
+
+
+def is_quiet_ulaw(data: bytes) -> bool:
+    """Is every sample of these μ-law bytes within ±`QUIET_PEAK`? (A fraction of a µs for a
+    frame, without decoding it: digital silence and a faint line hiss are quiet.)"""
+    return not data.translate(None, _QUIET_CODES)
 
 
 def pcm16_to_ulaw(samples: np.ndarray) -> bytes:

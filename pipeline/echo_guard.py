@@ -35,6 +35,7 @@ RATE = 8000
 MIN_FIT_DB = 6.0  # a fitted echo path must explain at least this much of the caller's audio
 QUIET = 10 ** (-55 / 10)  # mean square below -55 dBFS: nothing to learn an echo path from
 CHECK_MS = 160  # before convergence: how much recent caller audio must follow the bot's
+_SCALE = np.float32(1.0 / 32768.0)
 
 
 @dataclass(slots=True)
@@ -88,7 +89,6 @@ class EchoGuard:
         self._ref = np.zeros(self.size, dtype=np.float32)
         self._near = np.zeros(self.size, dtype=np.float32)
         self.near_end = 0
-        self._near_at: float | None = None
         self._play_end = 0  # inbound-sample index where queued bot audio stops playing
         self._since_fit = 0
         self._filter: np.ndarray | None = None
@@ -169,15 +169,15 @@ class EchoGuard:
         return ref
 
     # Cancelling ----------------------------------------------------------------------------
-    def process(self, pcm8k: np.ndarray, now: float) -> np.ndarray:
-        """One inbound frame (8 kHz int16) → the same frame with the bot's echo removed."""
+    def process(self, pcm8k: np.ndarray, frames: int = 1) -> np.ndarray:
+        """Inbound audio (8 kHz int16; one frame, or `frames` of them while the bot is not
+        recent) → the same audio with the bot's echo removed."""
         n = pcm8k.size
-        near = pcm8k.astype(np.float32) / 32768.0
+        near = np.multiply(pcm8k, _SCALE, dtype=np.float32)
         start = self.near_end
         self._write(self._near, start, near)
         self.near_end += n
-        self._near_at = now
-        self.stats.frames += 1
+        self.stats.frames += frames
         if self._play_end < start - self.size // 2:
             self._play_end = start - self.size // 2  # keep the timeline's gap bounded
         if not self.bot_recent:
@@ -190,13 +190,17 @@ class EchoGuard:
         if self._since_fit >= (self.refit if self._filter is not None or no_echo else n):
             self._since_fit = 0
             self._refit()
+        e_near = float(np.dot(near, near)) + 1e-12
+        if e_near <= QUIET * n:
+            # Too quiet to hold an echo the VAD could hear. Subtracting a prediction from it
+            # would only add the bot's voice (a muted line while the bot talks).
+            return pcm8k
         if self._filter is None:
             if no_echo:
                 return pcm8k
             return self._gate_unconverged(pcm8k, near, start)
         predicted = self._predict(start, n)
         residual = near - predicted
-        e_near = float(np.dot(near, near)) + 1e-12
         e_res = float(np.dot(residual, residual)) + 1e-12
         erle = 10.0 * np.log10(e_near / e_res)
         self.stats.last_erle_db = erle

@@ -172,6 +172,11 @@ class ResumableSink:
             origin.mark_cleared()
         return bool(segments)
 
+    @property
+    def has_sent(self) -> bool:
+        """Bot audio went to the transport since the last `take_sent`."""
+        return any(piece.sends for piece in self._live)
+
     def take_sent(self) -> list[tuple[bytes, float]]:
         """Bot audio sent to the transport since the last call, in order, with when each
         piece went out (monotonic): for the echo guard, it is what the caller's phone plays."""

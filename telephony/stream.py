@@ -28,7 +28,6 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from media.mulaw import ulaw_to_pcm16
 from pipeline.conversation import CallInfo, Conversation
 from pipeline.speech import PeerGone
 from telephony.direct import DIRECT_TEXT, DirectText
@@ -374,7 +373,7 @@ class TwilioStream:
             self.stats.frames += 1
             conversation = self.conversation
             assert conversation is not None
-            actions = conversation.hear(ulaw_to_pcm16(event.payload))
+            actions = conversation.hear(event.payload)
             if self.on_frame_lag is not None and self.stats.frames % LAG_SAMPLE_EVERY == 0:
                 offset = time.monotonic() - event.timestamp_ms / 1000
                 if self._lag_base is None or offset < self._lag_base:

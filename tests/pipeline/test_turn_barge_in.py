@@ -107,11 +107,10 @@ def _run_guard(near: np.ndarray, bot: np.ndarray) -> tuple[np.ndarray, EchoGuard
     bot16 = (bot * 32767).astype(np.int16)
     out, sent = [], 0
     for i in range(0, near.size - 159, 160):
-        now = (i + 160) / 8000
         while sent < bot16.size and sent < i + 160 + 1600:
             guard.far_end(bot16[sent:sent + 800], i / 8000)  # sent as this frame begins
             sent += 800
-        out.append(guard.process((near[i:i + 160] * 32767).astype(np.int16), now))
+        out.append(guard.process((near[i:i + 160] * 32767).astype(np.int16)))
     return np.concatenate(out).astype(np.float32) / 32767, guard
 
 
@@ -173,4 +172,4 @@ def test_echo_before_convergence_is_still_held_back() -> None:
 def test_the_guard_costs_nothing_while_the_bot_is_silent() -> None:
     guard = EchoGuard()
     frame = (np.random.default_rng(5).normal(0, 3000, 160)).astype(np.int16)
-    assert guard.process(frame, 0.02) is frame
+    assert guard.process(frame) is frame

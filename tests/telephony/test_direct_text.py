@@ -11,7 +11,6 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pytest
 import websockets
 from starlette.applications import Starlette
@@ -171,12 +170,12 @@ class _FakeConversation:
     async def begin(self) -> None:
         await asyncio.sleep(0.05)  # `start` leaves async work: the frames behind it wait
 
-    def hear(self, pcm: np.ndarray) -> list[Any]:
+    def hear(self, ulaw: bytes) -> list[Any]:
         index = len(self.heard)
         if index == self.fail_on:
             raise RuntimeError("a bug in listening")
         self.heard.append(index)
-        return [index] if int(pcm[0]) == _pcm_of(self.ACT) else []
+        return [index] if ulaw[0] == self.ACT else []
 
     async def act(self, actions: list[Any]) -> None:
         await asyncio.sleep(self.act_s)
@@ -187,12 +186,6 @@ class _FakeConversation:
 
     async def close(self, reason: str) -> None:
         self.closed = reason
-
-
-def _pcm_of(byte: int) -> int:
-    from media.mulaw import ulaw_to_pcm16
-
-    return int(ulaw_to_pcm16(bytes([byte]))[0])
 
 
 def _factory(conversation: _FakeConversation) -> Any:

@@ -1,0 +1,149 @@
+"""Quiet frames held and listened to in blocks (`Conversation.hear`): the same decisions, the
+same audio, far fewer steps; and the echo guard's answer for a frame too quiet to hold echo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pipeline.conversation as conversation_module
+from media.audiofile import read_wav
+from media.mulaw import is_quiet_ulaw, pcm16_to_ulaw, ulaw_silence
+from media.vad import SileroSession, SileroVad
+from pipeline.call_setup import CallInfo, ConversationConfig
+from pipeline.conversation import Conversation
+from pipeline.echo_guard import EchoGuard
+from pipeline.events import EventBus
+from pipeline.listener import EndpointConfig
+from tests.fakes.engines import instant_engines
+from tests.pipeline.test_conversation_tasks import _Sink
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def silero() -> SileroSession:
+    return SileroSession()
+
+
+def _frames(pcm: np.ndarray) -> list[bytes]:
+    ulaw = pcm16_to_ulaw(pcm)
+    return [ulaw[i:i + 160] for i in range(0, len(ulaw) - 159, 160)]
+
+
+def _caller_line() -> list[bytes]:
+    """Digital silence, a faint hiss, the caller's words twice, silence between and after."""
+    words = read_wav(FIXTURES / "one_two_three.wav", 8000)
+    hiss = (np.random.default_rng(3).normal(0, 8, 8000 * 2)).astype(np.int16)  # ~ -72 dBFS
+    return ([ulaw_silence(20)] * 61 + _frames(hiss) + _frames(words) + [ulaw_silence(20)] * 97
+            + _frames(words) + [ulaw_silence(20)] * 150)
+
+
+def _conversation(silero: SileroSession) -> Conversation:
+    config = ConversationConfig(greeting="", system_prompt="Be brief.", apology="Sorry.",
+                                endpoint=EndpointConfig())
+    engines = instant_engines(vad=lambda: SileroVad(silero))
+    return Conversation(CallInfo("CA1", "MZ1"), engines, _Sink(), EventBus(), config)
+
+
+def _listen(silero: SileroSession, frames: list[bytes]) -> tuple[list[tuple[int, str, Any]],
+                                                                 int, Conversation]:
+    """Every action with the frame it came on (audio in place of timestamps), and how many
+    times turn-taking was fed."""
+    conversation = _conversation(silero)
+    feeds = 0
+    feed = conversation.turns.feed
+
+    def counting_feed(*args: Any) -> Any:
+        nonlocal feeds
+        feeds += 1
+        return feed(*args)
+
+    conversation.turns.feed = counting_feed  # type: ignore[method-assign]
+    seen: list[tuple[int, str, Any]] = []
+    for index, frame in enumerate(frames):
+        for action in conversation.hear(frame):
+            audio = getattr(action, "audio", None)
+            if audio is None and hasattr(action, "speech"):
+                audio = action.speech.audio
+            seen.append((index, type(action).__name__, audio))
+    return seen, feeds, conversation
+
+
+def test_held_quiet_frames_lead_to_the_same_decisions_on_the_same_frames(
+        silero: SileroSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = _caller_line()
+    held, held_feeds, holding = _listen(silero, frames)
+    monkeypatch.setattr(conversation_module, "QUIET_RUN", 10**9)  # never hold
+    plain, plain_feeds, one_by_one = _listen(silero, frames)
+
+    assert [(i, kind) for i, kind, _ in held] == [(i, kind) for i, kind, _ in plain]
+    assert [kind for _, kind, _ in plain].count("TurnEnded") == 2  # both utterances heard
+    for (_, _, a), (_, _, b) in zip(held, plain, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert np.array_equal(a, b)  # the same audio, sample for sample
+    assert one_by_one.echo_guard.near_end == len(frames) * 160
+    still_held = len(holding._held)  # the line's last quiet frames, not a whole block yet
+    assert 0 < still_held < conversation_module.HOLD_FRAMES
+    assert holding.echo_guard.near_end == (len(frames) - still_held) * 160
+    assert holding.echo_guard.stats.frames == len(frames) - still_held
+    # Three quarters of this line is quiet, but the silence that ends each turn is listened
+    # to frame by frame (the caller is still in an utterance): 509 feeds against 682.
+    assert plain_feeds == len(frames)
+    assert held_feeds < len(frames) * 0.8
+
+
+def _hold_some(conversation: Conversation) -> None:
+    """Silence until frames are held: from 0.7 s in (the start of a call counts as 'the bot
+    may be echoing' for the echo guard's longest delay) and 8 quiet frames listened to."""
+    for index in range(60):
+        assert conversation.hear(ulaw_silence(20)) == []
+        if conversation._held:
+            assert index >= 35
+            return
+    raise AssertionError("no quiet frame was held")
+
+
+def test_a_word_after_held_frames_is_heard_on_its_first_frame(silero: SileroSession) -> None:
+    words = _frames(read_wav(FIXTURES / "one_two_three.wav", 8000))
+    conversation = _conversation(silero)
+    _hold_some(conversation)
+    first_loud = next(i for i, f in enumerate(words) if not is_quiet_ulaw(f))
+    for frame in words[: first_loud + 1]:
+        conversation.hear(frame)
+    assert conversation._held == []  # released with the first loud frame, before it
+
+
+def test_quiet_frames_are_not_held_while_the_bot_is_heard(silero: SileroSession) -> None:
+    conversation = _conversation(silero)
+    _hold_some(conversation)
+    bot = (np.sin(np.arange(8000) * 0.3) * 8000).astype(np.int16)
+    conversation.echo_guard.far_end(bot, 0.25)  # the bot's audio is playing (and echoing)
+    conversation.hear(ulaw_silence(20))
+    assert conversation._held == []
+    for _ in range(20):
+        conversation.hear(ulaw_silence(20))
+        assert conversation._held == []  # each frame is checked against the bot's audio
+
+
+def test_a_muted_line_while_the_bot_talks_stays_silent_after_the_echo_was_fitted() -> None:
+    """Before: with an echo path fitted, a silent frame came out as minus the predicted echo,
+    the bot's own voice, for the VAD to hear."""
+    rng = np.random.default_rng(1)
+    n = 8000 * 4
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * np.arange(n) / 8000) ** 2
+    bot = (rng.normal(0, 0.15, n) * envelope * 32767).astype(np.int16)
+    delay = int(0.1 * 8000)
+    echo = (np.concatenate([np.zeros(delay), bot[:-delay]]) * 0.2).astype(np.int16)
+    guard = EchoGuard()
+    guard.far_end(bot, 0.0)
+    for i in range(0, 8000 * 2, 160):  # two seconds of echo: the path is fitted
+        guard.process(echo[i:i + 160])
+    assert guard.stats.delay_ms is not None
+    muted = np.zeros(160, dtype=np.int16)
+    for _ in range(25):
+        assert not guard.process(muted).any()
