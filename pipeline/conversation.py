@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 QUIET_RUN = 8  # quiet frames (160 ms) before holding: the resampler and VAD have caught up
 HOLD_FRAMES = 10  # quiet frames listened to as one block (200 ms)
+FRAME_BYTES = 160  # Twilio's 20 ms frame: a block is made of these
 
 
 class Conversation(TurnActions, Speaking):
@@ -162,14 +163,16 @@ class Conversation(TurnActions, Speaking):
         """One inbound frame of caller audio (8 kHz μ-law). Synchronous and cheap: it runs for
         every frame where the server parsed it; returns what turn-taking decided, for `act`.
 
-        A quiet frame while nothing is going on (the caller is not in an utterance, no bot
-        audio is playing or echoing, the last `QUIET_RUN` frames were quiet too) is held, and
-        `HOLD_FRAMES` of them are listened to as one block: the same audio through the same
-        steps, at a fifth of the per-frame cost. Any other frame first releases what is held,
-        so a word is heard the moment it starts."""
+        A quiet frame (a listening caller on a quiet line, most of a call) is held when the
+        caller is not in an utterance, the last `QUIET_RUN` frames were quiet too and no bot
+        audio was sent since the last frame; `HOLD_FRAMES` of them are listened to as one
+        block: the same audio through the same steps (the echo guard's refits on the same
+        frames), at a fraction of the per-frame cost. Any other frame first releases what is
+        held, so a word is heard the moment it starts."""
         self._track_idle(len(ulaw) / 8.0)
         if is_quiet_ulaw(ulaw):
-            if self._quiet_run >= QUIET_RUN and self._may_hold():
+            if (self._quiet_run >= QUIET_RUN and len(ulaw) == FRAME_BYTES
+                    and not (self.listener.in_speech or self._sink.has_sent)):
                 held = self._held
                 held.append(ulaw)
                 return self._release() if len(held) >= HOLD_FRAMES else []
@@ -183,13 +186,9 @@ class Conversation(TurnActions, Speaking):
         actions.extend(self._listen(ulaw_to_pcm16(ulaw), 1))
         return actions
 
-    def _may_hold(self) -> bool:
-        return not (self.listener.in_speech or self.echo_guard.bot_recent
-                    or self._sink.has_sent)
-
     def _release(self) -> list[Action]:
-        """Listen to the held quiet frames, as one block (they all came before any bot audio
-        still to be laid on the echo guard's timeline)."""
+        """Listen to the held quiet frames as one block (they all came before any bot audio
+        not yet laid on the echo guard's timeline)."""
         held = self._held
         frames = len(held)
         block = ulaw_to_pcm16(b"".join(held))

@@ -169,27 +169,43 @@ class EchoGuard:
         return ref
 
     # Cancelling ----------------------------------------------------------------------------
-    def process(self, pcm8k: np.ndarray, frames: int = 1) -> np.ndarray:
-        """Inbound audio (8 kHz int16; one frame, or `frames` of them while the bot is not
-        recent) → the same audio with the bot's echo removed."""
-        n = pcm8k.size
-        near = np.multiply(pcm8k, _SCALE, dtype=np.float32)
-        start = self.near_end
-        self._write(self._near, start, near)
-        self.near_end += n
-        self.stats.frames += frames
+    def _advance(self, start: int, n: int) -> bool | None:
+        """Inbound samples [start, start + n) have arrived: move the timeline on and refit
+        when due. None while the bot is not recent; otherwise whether the line has shown no
+        echo (long enough to have found one without finding it: a handset)."""
+        self.near_end = start + n
         if self._play_end < start - self.size // 2:
             self._play_end = start - self.size // 2  # keep the timeline's gap bounded
         if not self.bot_recent:
-            return pcm8k  # the echo path stays known for the next reply
+            return None
         self._since_fit += n
-        # Long enough to have found an echo without finding one: there is none (a handset).
         no_echo = self._filter is None and self._far_total - (self._play_end - start) > self.converge
         # Until the first fit, look at every frame (the first words of a reply); once the line
         # has shown no echo, every `refit` is soon enough to notice one appearing.
         if self._since_fit >= (self.refit if self._filter is not None or no_echo else n):
             self._since_fit = 0
             self._refit()
+        return no_echo
+
+    def process(self, pcm8k: np.ndarray, frames: int = 1) -> np.ndarray:
+        """One inbound frame (8 kHz int16) → the same frame with the bot's echo removed.
+
+        `frames` > 1: a block of that many equal frames, every one of them quiet (all samples
+        within -55 dBFS, `Conversation.hear`): nothing to remove, so it comes back as it is,
+        but the timeline and the refits advance frame by frame, exactly as one by one."""
+        n = pcm8k.size
+        near = np.multiply(pcm8k, _SCALE, dtype=np.float32)
+        start = self.near_end
+        self._write(self._near, start, near)
+        self.stats.frames += frames
+        if frames > 1:
+            step = n // frames
+            for at in range(start, start + n, step):
+                self._advance(at, step)
+            return pcm8k
+        no_echo = self._advance(start, n)
+        if no_echo is None:
+            return pcm8k  # the echo path stays known for the next reply
         e_near = float(np.dot(near, near)) + 1e-12
         if e_near <= QUIET * n:
             # Too quiet to hold an echo the VAD could hear. Subtracting a prediction from it

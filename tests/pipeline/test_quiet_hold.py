@@ -18,6 +18,7 @@ from pipeline.conversation import Conversation
 from pipeline.echo_guard import EchoGuard
 from pipeline.events import EventBus
 from pipeline.listener import EndpointConfig
+from pipeline.speech import SpokenSegment
 from tests.fakes.engines import instant_engines
 from tests.pipeline.test_conversation_tasks import _Sink
 
@@ -98,14 +99,13 @@ def test_held_quiet_frames_lead_to_the_same_decisions_on_the_same_frames(
 
 
 def _hold_some(conversation: Conversation) -> None:
-    """Silence until frames are held: from 0.7 s in (the start of a call counts as 'the bot
-    may be echoing' for the echo guard's longest delay) and 8 quiet frames listened to."""
-    for index in range(60):
+    """Silence until frames are held: after `QUIET_RUN` quiet frames listened to one by one."""
+    for _ in range(conversation_module.QUIET_RUN):
         assert conversation.hear(ulaw_silence(20)) == []
-        if conversation._held:
-            assert index >= 35
-            return
-    raise AssertionError("no quiet frame was held")
+        assert conversation._held == []
+    for _ in range(3):
+        assert conversation.hear(ulaw_silence(20)) == []
+    assert len(conversation._held) == 3
 
 
 def test_a_word_after_held_frames_is_heard_on_its_first_frame(silero: SileroSession) -> None:
@@ -118,16 +118,64 @@ def test_a_word_after_held_frames_is_heard_on_its_first_frame(silero: SileroSess
     assert conversation._held == []  # released with the first loud frame, before it
 
 
-def test_quiet_frames_are_not_held_while_the_bot_is_heard(silero: SileroSession) -> None:
+async def test_bot_audio_sent_releases_the_held_frames_before_it_is_heard(
+        silero: SileroSession) -> None:
+    """Held frames came before the bot's audio went out: they are listened to first, then the
+    audio is laid on the echo guard's timeline, then the frame that arrived after it."""
     conversation = _conversation(silero)
     _hold_some(conversation)
-    bot = (np.sin(np.arange(8000) * 0.3) * 8000).astype(np.int16)
-    conversation.echo_guard.far_end(bot, 0.25)  # the bot's audio is playing (and echoing)
+    tone = (np.sin(np.arange(8000) * 0.3) * 8000).astype(np.int16)
+    conversation._sink.play(SpokenSegment("Hello.", pcm16_to_ulaw(tone), turn=1))
+    piece = conversation._sink._live[0]
+    piece.mark_sent(800)  # the transport sent 100 ms of it
+    near_before = conversation.echo_guard.near_end
+    held = len(conversation._held)
     conversation.hear(ulaw_silence(20))
     assert conversation._held == []
-    for _ in range(20):
+    assert conversation.echo_guard.near_end == near_before + (held + 1) * 160
+    assert conversation.echo_guard.bot_recent
+    assert not conversation._sink.has_sent  # taken for the echo guard
+    for _ in range(4):  # the bot playing, the caller quiet: held again at once
         conversation.hear(ulaw_silence(20))
-        assert conversation._held == []  # each frame is checked against the bot's audio
+    assert len(conversation._held) == 4
+    await conversation.close("stop")
+
+
+def _echo_line() -> tuple[np.ndarray, np.ndarray]:
+    """The bot's speech-like audio and the caller's side: its echo 15 dB down and 100 ms
+    late, muted (digital silence) for a second in the middle, then the caller talking."""
+    rng = np.random.default_rng(1)
+    n = 8000 * 5
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * np.arange(n) / 8000) ** 2
+    bot = (rng.normal(0, 0.15, n) * envelope * 32767).astype(np.int16)
+    delay = int(0.1 * 8000)
+    near = np.concatenate([np.zeros(delay), bot[:-delay] * 10 ** (-15 / 20)])
+    near[16000:24000] = 0.0
+    near[32000:] += rng.normal(0, 0.1, n - 32000) * 32767
+    return bot, np.clip(near, -32768, 32767).astype(np.int16)
+
+
+def test_the_echo_guard_in_blocks_of_quiet_frames_ends_where_frame_by_frame_does() -> None:
+    bot, near = _echo_line()
+    one, blocks = EchoGuard(), EchoGuard()
+    for guard in (one, blocks):
+        guard.far_end(bot, 0.0)
+    out_one = [one.process(near[i:i + 160]) for i in range(0, near.size, 160)]
+    out_blocks: list[np.ndarray] = []
+    i = 0
+    while i < near.size:
+        block = near[i:i + 1600]
+        if i >= 160 * 100 and not np.abs(block).max():  # muted: ten frames at once
+            out_blocks.append(blocks.process(block, 10))
+            i += 1600
+        else:
+            out_blocks.append(blocks.process(near[i:i + 160]))
+            i += 160
+    assert np.array_equal(np.concatenate(out_one), np.concatenate(out_blocks))
+    assert one.stats.delay_ms is not None and one.stats.delay_ms == blocks.stats.delay_ms
+    assert one._filter is not None and np.array_equal(one._filter, blocks._filter)
+    assert (one.near_end, one._since_fit, one.stats.frames) == (
+        blocks.near_end, blocks._since_fit, blocks.stats.frames)
 
 
 def test_a_muted_line_while_the_bot_talks_stays_silent_after_the_echo_was_fitted() -> None:
