@@ -201,7 +201,10 @@ class EchoGuard:
         if frames > 1:
             step = n // frames
             for at in range(start, start + n, step):
-                self._advance(at, step)
+                if self._advance(at, step) is None:
+                    # Not recent, and less so frame by frame: straight to the block's end.
+                    self._advance(start + n - step, step)
+                    break
             return pcm8k
         no_echo = self._advance(start, n)
         if no_echo is None:

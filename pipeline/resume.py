@@ -44,6 +44,8 @@ class _Piece(SpokenSegment):
     def mark_sent(self, nbytes: int) -> None:
         self.sends.append((self.sent_bytes, time.monotonic()))
         SpokenSegment.mark_sent(self, nbytes)
+        if self.owner is not None:
+            self.owner.has_sent = True
         if self.origin is not None:
             self.origin.mark_sent(nbytes)
 
@@ -84,6 +86,7 @@ class ResumableSink:
     def __init__(self, inner: AudioSink) -> None:
         self._inner = inner
         self._live: list[_Piece] = []  # pieces handed to the transport, not finished
+        self.has_sent = False  # bot audio went out since the last `take_sent`
         self._held: list[SpokenSegment] = []  # played while paused: waiting for resume
         self.paused: Paused | None = None
         self._pausing = False
@@ -172,15 +175,11 @@ class ResumableSink:
             origin.mark_cleared()
         return bool(segments)
 
-    @property
-    def has_sent(self) -> bool:
-        """Bot audio went to the transport since the last `take_sent`."""
-        return any(piece.sends for piece in self._live)
-
     def take_sent(self) -> list[tuple[bytes, float]]:
         """Bot audio sent to the transport since the last call, in order, with when each
         piece went out (monotonic): for the echo guard, it is what the caller's phone plays."""
         out: list[tuple[bytes, float]] = []
+        self.has_sent = False
         for piece in self._live:
             for before, at in piece.sends:
                 if before >= piece.taken:

@@ -224,7 +224,7 @@ def _fast_media(data: dict[str, Any]) -> Media | None:
             or len(track) > 256 or type(encoded) is not str or len(encoded) > _MAX_PAYLOAD_B64):
         return None
     try:
-        payload = base64.b64decode(encoded, validate=True)
+        payload = binascii.a2b_base64(encoded, strict_mode=True)  # b64decode(validate=True)
     except (binascii.Error, ValueError):
         return None
     return Media(stream_sid, track, chunk, timestamp, payload, sequence)
