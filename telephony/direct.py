@@ -22,6 +22,10 @@ class DirectText(Protocol):
     def detach(self) -> None:
         """Back to `receive()` for everything (reading resumes if it was paused)."""
 
+    def send_text(self, text: str) -> bool:
+        """Write a text message now if the connection is open and the transport has room;
+        False when it cannot (then send through ASGI, which waits for room or raises)."""
+
     def pause_reading(self) -> None:
         """Stop reading the socket (the handler has a backlog)."""
 

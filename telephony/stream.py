@@ -438,10 +438,14 @@ class TwilioStream:
     async def _send(self, text: str) -> None:
         """Send one frame, within `send_timeout_s` when that is set. A socket the peer has
         closed meanwhile raises `WebSocketDisconnect`, like a receive would."""
-        if self._direct is not None and self._direct.closed:
-            # The server closed the socket itself (the peer broke the protocol) while this
-            # reply or barge-in was under way; the run loop is about to see the disconnect.
-            raise PeerDisconnected(1006)
+        direct = self._direct
+        if direct is not None:
+            if direct.closed:
+                # The server closed the socket itself (the peer broke the protocol) while this
+                # reply or barge-in was under way; the run loop is about to see the disconnect.
+                raise PeerDisconnected(1006)
+            if direct.send_text(text):
+                return  # written at once: nothing to wait for, so no timeout to arm
         try:
             async with asyncio.timeout(self._send_timeout_s):
                 await self._ws.send_text(text)

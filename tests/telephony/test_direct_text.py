@@ -97,6 +97,36 @@ async def test_a_paused_direct_path_stops_reading_until_resumed() -> None:
     assert got[:-1] == ["pause"] + [f"after {index}" for index in range(20)]
 
 
+async def test_direct_sends_arrive_in_order_with_asgi_sends_until_the_close() -> None:
+    refused: list[bool] = []
+    done = asyncio.Event()
+    sizes = (10, 125, 126, 1000, 65535, 65536, 70000)  # each header length, at its edges
+
+    async def endpoint(websocket: WebSocket) -> None:
+        direct = websocket.scope["extensions"][DIRECT_TEXT]
+        await websocket.accept()
+        for index, size in enumerate(sizes):
+            text = str(index) + "é" * ((size - 1) // 2) + "x" * ((size - 1) % 2)
+            if index % 2:
+                await websocket.send_text(text)
+            else:
+                assert direct.send_text(text)
+        await websocket.close()
+        refused.append(direct.send_text("after the close"))
+        done.set()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+    async with running_server(app) as base:
+        # Without compression, like Twilio (with an extension, every frame goes the usual way).
+        async with websockets.connect(base.replace("http", "ws") + "/ws",
+                                      max_size=1 << 20, compression=None) as ws:
+            got = [message async for message in ws]
+        await asyncio.wait_for(done.wait(), 5)
+    assert [len(text.encode()) for text in got] == list(sizes)
+    assert [text[0] for text in got] == [str(index) for index in range(len(sizes))]
+    assert refused == [False]
+
+
 async def test_without_the_extension_the_stream_uses_receive() -> None:
     """Another ASGI server: no handle in the scope, `receive()` for everything."""
     socket = _FakeSocket(direct=None)
@@ -116,6 +146,8 @@ class _FakeDirect:
         self.attached = asyncio.Event()
         self.paused = 0
         self.resumed = 0
+        self.writable = True
+        self.sent: list[str] = []
 
     def attach(self, handler: Callable[[str], None]) -> None:
         self.handler = handler
@@ -133,6 +165,11 @@ class _FakeDirect:
     @property
     def closed(self) -> bool:
         return False
+
+    def send_text(self, text: str) -> bool:
+        if self.writable:
+            self.sent.append(text)
+        return self.writable
 
     def send(self, text: str) -> None:
         assert self.handler is not None, "the stream detached"
@@ -298,3 +335,18 @@ async def test_a_stop_waiting_in_the_backlog_ends_the_call_as_stop_despite_the_c
     socket.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
     assert await asyncio.wait_for(run, 5) == "stop"
     assert conversation.heard == [0, 1]
+
+
+async def test_sends_go_direct_while_the_transport_has_room_and_through_asgi_when_not() -> None:
+    stream, direct, socket, run = await _started(_FakeConversation())
+    direct.send(valid("start"))
+    await asyncio.sleep(0.1)
+    await stream._send("one")
+    direct.writable = False  # the transport asked writers to wait
+    await stream._send("two")
+    direct.writable = True
+    await stream._send("three")
+    assert direct.sent == ["one", "three"]
+    assert socket.sent == ["two"]
+    socket.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    await asyncio.wait_for(run, 5)
