@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -230,8 +231,41 @@ def _fast_media(data: dict[str, Any]) -> Media | None:
     return Media(stream_sid, track, chunk, timestamp, payload, sequence)
 
 
+# A `media` message laid out as Twilio sends it (its keys in this order; JSON whitespace
+# allowed between tokens), read with one regular expression instead of the JSON parser and
+# dict lookups: a third of the cost. Only text whose JSON value is exactly these fields can
+# match (no escapes, every key once); anything else takes the general path below.
+_WS = r"[ \t\n\r]*"
+_MEDIA_RE = re.compile(
+    "".join((r"\{", _WS, r'"event"', _WS, ":", _WS, r'"media"', _WS, ",", _WS,
+             r'"sequenceNumber"', _WS, ":", _WS, r'"([0-9]{1,15})"', _WS, ",", _WS,
+             r'"media"', _WS, ":", _WS, r"\{", _WS,
+             r'"track"', _WS, ":", _WS, r'"([A-Za-z_]{1,32})"', _WS, ",", _WS,
+             r'"chunk"', _WS, ":", _WS, r'"([0-9]{1,15})"', _WS, ",", _WS,
+             r'"timestamp"', _WS, ":", _WS, r'"([0-9]{1,15})"', _WS, ",", _WS,
+             r'"payload"', _WS, ":", _WS, r'"([A-Za-z0-9+/]*={0,2})"', _WS, r"\}", _WS, ",",
+             _WS, r'"streamSid"', _WS, ":", _WS, r'"([A-Za-z0-9_.-]{1,64})"', _WS, r"\}",
+             _WS)))
+
+
+def _media_by_layout(text: str) -> Media | None:
+    match = _MEDIA_RE.fullmatch(text)
+    if match is None:
+        return None
+    sequence, track, chunk, timestamp, encoded, stream_sid = match.groups()
+    if len(encoded) > _MAX_PAYLOAD_B64:
+        return None
+    try:
+        payload = binascii.a2b_base64(encoded, strict_mode=True)
+    except binascii.Error:
+        return None
+    return Media(stream_sid, track, int(chunk), int(timestamp), payload, int(sequence))
+
+
 def parse_message(text: str | bytes) -> InboundMessage:
     """Parse one WebSocket text frame from Twilio. Raises `ProtocolError` on anything else."""
+    if type(text) is str and (media := _media_by_layout(text)) is not None:
+        return media
     try:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import telephony.messages as telephony_messages
 from telephony.messages import (
     Connected,
     Dtmf,
@@ -115,3 +116,61 @@ def test_outbound_messages_have_twilios_shape() -> None:
     assert json.loads(mark_message(SID, "7")) == {"event": "mark", "streamSid": SID,
                                                   "mark": {"name": "7"}}
     assert json.loads(clear_message(SID)) == {"event": "clear", "streamSid": SID}
+
+
+# -- the media fast path: Twilio's layout read by one regular expression ---------------------
+
+
+def _both_ways(text: str) -> tuple[object, object]:
+    """The result of `parse_message` on `text`, and of the general JSON path (bytes skip
+    the layout match): a Media, or the ProtocolError's message."""
+    results = []
+    for given in (text, text.encode()):
+        try:
+            results.append(parse_message(given))
+        except ProtocolError as exc:
+            results.append(f"ProtocolError: {exc}")
+    return results[0], results[1]
+
+
+def _laid_out(space: str = "", **fields: str) -> str:
+    values = {"sequenceNumber": "4", "track": "inbound", "chunk": "3", "timestamp": "60",
+              "payload": PAYLOAD, "streamSid": SID, **fields}
+    s = space
+    return (f'{{{s}"event"{s}:{s}"media"{s},{s}"sequenceNumber"{s}:{s}"{values["sequenceNumber"]}"'
+            f'{s},{s}"media"{s}:{s}{{{s}"track"{s}:{s}"{values["track"]}"{s},{s}"chunk"{s}:{s}'
+            f'"{values["chunk"]}"{s},{s}"timestamp"{s}:{s}"{values["timestamp"]}"{s},{s}'
+            f'"payload"{s}:{s}"{values["payload"]}"{s}}}{s},{s}"streamSid"{s}:{s}'
+            f'"{values["streamSid"]}"{s}}}{s}')
+
+
+@pytest.mark.parametrize("text", [
+    _laid_out(),
+    _laid_out(" "),
+    _laid_out("\n\t "),
+    _laid_out(sequenceNumber="007", chunk="0", timestamp="999999999999999"),
+    _laid_out(track="outbound"),
+    _laid_out(payload=""),
+    _laid_out(payload=PAYLOAD[:-2] + "=="),  # padding where it does not belong
+    _laid_out(payload="AAA"),  # not a multiple of 4
+    _laid_out(payload="A" * 20000),  # over the size limit
+    _laid_out(streamSid=""),
+    _laid_out(streamSid="MZ" + "a" * 63),  # a SID too long
+    _laid_out(track="in\\u0062ound"),  # an escape: JSON says "inbound"
+    _laid_out(chunk="1e3"),
+    _laid_out(timestamp="1234567890123456"),  # 16 digits
+    _laid_out("\f"),  # not JSON whitespace
+    _laid_out().replace('"chunk"', '"chunk":"1","chunk"'),  # a key twice
+    _laid_out().replace('{"event":"media",', '{"streamSid":"x","event":"media",'),
+    _laid_out()[:-1] + ',"extra":1}',
+])
+def test_the_layout_match_parses_exactly_as_the_json_path(text: str) -> None:
+    fast, general = _both_ways(text)
+    assert fast == general
+
+
+def test_twilios_own_media_message_takes_the_layout_match() -> None:
+    text = _laid_out()
+    assert telephony_messages._media_by_layout(text) == parse_message(text.encode())
+    assert telephony_messages._media_by_layout(_laid_out(" ")) is not None
+    assert telephony_messages._media_by_layout(_laid_out(chunk="1e3")) is None
