@@ -85,6 +85,8 @@ class Conversation(TurnActions, Speaking):
         self.echo_guard = EchoGuard()
         self._held: list[bytes] = []  # quiet frames not listened to yet (see `hear`)
         self._quiet_run = 0  # quiet frames in a row, listened to one by one
+        # Bot audio sent while frames were held: (frames held before it, what was sent).
+        self._held_sends: list[tuple[int, list[tuple[bytes, float]]]] = []
         self._prepared: Prepared | None = None
         self._paused: tuple[float, float] | None = None  # (speech onset, clear sent)
         system_prompt = call.parameters.get("system_prompt") or config.system_prompt
@@ -164,16 +166,18 @@ class Conversation(TurnActions, Speaking):
         every frame where the server parsed it; returns what turn-taking decided, for `act`.
 
         A quiet frame (a listening caller on a quiet line, most of a call) is held when the
-        caller is not in an utterance, the last `QUIET_RUN` frames were quiet too and no bot
-        audio was sent since the last frame; `HOLD_FRAMES` of them are listened to as one
-        block: the same audio through the same steps (the echo guard's refits on the same
-        frames), at a fraction of the per-frame cost. Any other frame first releases what is
-        held, so a word is heard the moment it starts."""
+        caller is not in an utterance and the last `QUIET_RUN` frames were quiet too;
+        `HOLD_FRAMES` of them are listened to as one block: the same audio through the same
+        steps (the bot's audio laid on the echo guard's timeline between the same frames, its
+        refits on the same frames), at a fraction of the per-frame cost. Any other frame first
+        releases what is held, so a word is heard the moment it starts."""
         self._track_idle(len(ulaw) / 8.0)
         if is_quiet_ulaw(ulaw):
             if (self._quiet_run >= QUIET_RUN and len(ulaw) == FRAME_BYTES
-                    and not (self.listener.in_speech or self._sink.has_sent)):
+                    and not self.listener.in_speech):
                 held = self._held
+                if self._sink.has_sent:  # bot audio that went out before this frame
+                    self._held_sends.append((len(held), self._sink.take_sent()))
                 held.append(ulaw)
                 return self._release() if len(held) >= HOLD_FRAMES else []
             self._quiet_run += 1
@@ -181,19 +185,36 @@ class Conversation(TurnActions, Speaking):
             self._quiet_run = 0
         actions = self._release() if self._held else []
         # The bot's voice coming back (speakerphone) is removed before anything listens.
-        for chunk, sent_at in self._sink.take_sent():
-            self.echo_guard.far_end(ulaw_to_pcm16(chunk), sent_at - self._mono0)
+        self._lay(self._sink.take_sent())
         actions.extend(self._listen(ulaw_to_pcm16(ulaw), 1))
         return actions
 
+    def _lay(self, sent: list[tuple[bytes, float]]) -> None:
+        """Bot audio sent: on the echo guard's timeline, by when it went out."""
+        for chunk, sent_at in sent:
+            self.echo_guard.far_end(ulaw_to_pcm16(chunk), sent_at - self._mono0)
+
     def _release(self) -> list[Action]:
-        """Listen to the held quiet frames as one block (they all came before any bot audio
-        not yet laid on the echo guard's timeline)."""
+        """Listen to the held quiet frames as one block."""
         held = self._held
         frames = len(held)
         block = ulaw_to_pcm16(b"".join(held))
         held.clear()
-        return self._listen(block, frames)
+        if not self._held_sends:
+            return self._listen(block, frames)
+        # Bot audio went out while they were held: the echo guard takes the block in parts,
+        # each send laid between the frames it came between (quiet frames come out as they
+        # went in, so the listener still gets the block whole).
+        done = 0
+        for at, sent in self._held_sends:
+            if at > done:
+                self.echo_guard.process(block[done * FRAME_BYTES:at * FRAME_BYTES], at - done)
+                done = at
+            self._lay(sent)
+        self._held_sends.clear()
+        if done < frames:
+            self.echo_guard.process(block[done * FRAME_BYTES:], frames - done)
+        return self.turns.feed(block, time.monotonic(), self._sink.audible)
 
     def _listen(self, pcm8k: np.ndarray, frames: int) -> list[Action]:
         pcm8k = self.echo_guard.process(pcm8k, frames)

@@ -118,27 +118,48 @@ def test_a_word_after_held_frames_is_heard_on_its_first_frame(silero: SileroSess
     assert conversation._held == []  # released with the first loud frame, before it
 
 
-async def test_bot_audio_sent_releases_the_held_frames_before_it_is_heard(
-        silero: SileroSession) -> None:
-    """Held frames came before the bot's audio went out: they are listened to first, then the
-    audio is laid on the echo guard's timeline, then the frame that arrived after it."""
+async def _listen_while_the_bot_talks(silero: SileroSession) -> tuple[Conversation, int]:
+    """A quiet caller while the bot's audio goes out in 100 ms sends every seventh frame (at
+    set times, so two runs lay it identically), then the caller's first word."""
     conversation = _conversation(silero)
-    _hold_some(conversation)
-    tone = (np.sin(np.arange(8000) * 0.3) * 8000).astype(np.int16)
+    # A line known to have no echo: refits every 100 ms, so `_since_fit` shows on which frames
+    # the bot's audio counted as recent.
+    conversation.echo_guard.converge = 0
+    for _ in range(40):
+        conversation.hear(ulaw_silence(20))
+    # Holding, the first send comes in the middle of a block.
+    assert len(conversation._held) == (2 if conversation_module.QUIET_RUN == 8 else 0)
+    tone = (np.sin(np.arange(16000) * 0.3) * 8000).astype(np.int16)
     conversation._sink.play(SpokenSegment("Hello.", pcm16_to_ulaw(tone), turn=1))
     piece = conversation._sink._live[0]
-    piece.mark_sent(800)  # the transport sent 100 ms of it
-    near_before = conversation.echo_guard.near_end
-    held = len(conversation._held)
-    conversation.hear(ulaw_silence(20))
+    most_held = 0
+    for index in range(40):
+        if index % 7 == 0:
+            before = piece.sent_bytes
+            piece.mark_sent(800)
+            piece.sends[-1] = (before, conversation._mono0 + 0.8 + index * 0.02)
+        assert conversation.hear(ulaw_silence(20)) == []
+        most_held = max(most_held, len(conversation._held))
+    words = _frames(read_wav(FIXTURES / "one_two_three.wav", 8000))
+    for frame in words[:10]:
+        conversation.hear(frame)
     assert conversation._held == []
-    assert conversation.echo_guard.near_end == near_before + (held + 1) * 160
-    assert conversation.echo_guard.bot_recent
-    assert not conversation._sink.has_sent  # taken for the echo guard
-    for _ in range(4):  # the bot playing, the caller quiet: held again at once
-        conversation.hear(ulaw_silence(20))
-    assert len(conversation._held) == 4
     await conversation.close("stop")
+    return conversation, most_held
+
+
+async def test_bot_audio_sent_while_frames_are_held_is_laid_between_the_same_frames(
+        silero: SileroSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    holding, most_held = await _listen_while_the_bot_talks(silero)
+    monkeypatch.setattr(conversation_module, "QUIET_RUN", 10**9)  # never hold
+    one_by_one, _ = await _listen_while_the_bot_talks(silero)
+    assert most_held == conversation_module.HOLD_FRAMES - 1  # sends did not split the blocks
+    a, b = holding.echo_guard, one_by_one.echo_guard
+    assert a._far_total == b._far_total == 6 * 800
+    assert (a.near_end, a._play_end, a._since_fit, a.stats.frames) == (
+        b.near_end, b._play_end, b._since_fit, b.stats.frames)
+    assert np.array_equal(a._ref, b._ref) and np.array_equal(a._near, b._near)
+    assert holding.listener.in_speech == one_by_one.listener.in_speech
 
 
 def _echo_line() -> tuple[np.ndarray, np.ndarray]:
