@@ -27,6 +27,7 @@ canceller; long room tails are left to the barge-in policy (`pipeline.backchanne
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -352,7 +353,9 @@ def _best_lag(near: np.ndarray, ref: np.ndarray, max_lag: int, early: int = 0
     """
     n = near.size
     span = max_lag + early
-    size = 1 << int(np.ceil(np.log2(n + ref.size)))
+    # Lag k reads ref[i + k] for i < n and k <= span: all below ref.size, so a circular
+    # correlation over ref.size points has no wrap-around in the lags read here.
+    size = _fft_size(ref.size)
     spectrum = np.fft.rfft(ref, size) * np.conj(np.fft.rfft(near, size))
     xcorr = np.fft.irfft(spectrum, size)[: span + 1]  # xcorr[k] = sum near[i] ref[i + k]
     energy = np.cumsum(np.concatenate(([0.0], ref.astype(np.float64) ** 2)))
@@ -363,6 +366,24 @@ def _best_lag(near: np.ndarray, ref: np.ndarray, max_lag: int, early: int = 0
     score = np.abs(xcorr) / norm
     k = int(np.argmax(score))
     return max_lag - k, float(score[k])
+
+
+@functools.cache
+def _fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n, a size the FFT is fast at (for a refit's 9,872 points:
+    10,000, a third of the time of the next power of two, 16,384)."""
+    best = 1 << (n - 1).bit_length()
+    fives = 1
+    while fives < best:
+        threes = fives
+        while threes < best:
+            size = threes
+            while size < n:
+                size *= 2
+            best = min(best, size)
+            threes *= 3
+        fives *= 5
+    return best
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pipeline.echo_guard import EchoGuard, _fit_fir
+from pipeline.echo_guard import EchoGuard, _best_lag, _fft_size, _fit_fir
 
 
 def test_the_fir_fit_from_correlations_matches_least_squares() -> None:
@@ -46,3 +46,23 @@ def test_the_rings_wrap_around_like_modular_indexing() -> None:
     guard._fill(guard._ref, at - 650, at - 20)
     timeline[at - 650:at - 20] = 0.0
     assert np.array_equal(guard._span(guard._ref, at - 800, at), timeline[at - 800:at])
+
+
+def test_the_correlation_finds_what_a_direct_one_finds_at_its_fast_fft_size() -> None:
+    """`_best_lag` correlates over 2^a 3^b 5^c points (10,000 for a refit, not 16,384): the
+    lags it reads must not wrap around. Checked against `np.correlate` directly."""
+    rng = np.random.default_rng(11)
+    for n, max_lag, early, delay in ((3072, 4800, 2000, 1000), (1280, 4800, 2000, -1500),
+                                     (1280, 4800, 2000, 4800)):
+        ref = rng.normal(0, 0.1, n + max_lag + early).astype(np.float32)
+        near = ref[max_lag - delay:max_lag - delay + n] * 0.3
+        near = (near + rng.normal(0, 0.02, n)).astype(np.float32)
+        xcorr = np.correlate(ref.astype(np.float64), near.astype(np.float64), "valid")
+        energy = np.cumsum(np.concatenate(([0.0], ref.astype(np.float64) ** 2)))
+        window = energy[n:] - energy[:-n]
+        window = np.maximum(window, 0.05 * window.max() + 1e-12)
+        score = np.abs(xcorr) / (np.sqrt(window * float(np.dot(near, near))) + 1e-12)
+        lag, corr = _best_lag(near, ref, max_lag, early)
+        assert lag == delay == max_lag - int(np.argmax(score))
+        assert abs(corr - float(score.max())) < 1e-5
+    assert _fft_size(9872) == 10000 and _fft_size(8080) == 8100 and _fft_size(16384) == 16384
