@@ -40,6 +40,7 @@ PCM_TO_ULAW = _encode_table()  # index: sample + 32768
 
 # μ-law byte for digital silence; what Twilio sends on a quiet line.
 ULAW_SILENCE = 0xFF
+FRAME_BYTES = 160  # one Twilio media frame: 20 ms of 8 kHz μ-law
 
 # A quiet frame: every sample within ±52 (-56 dBFS), 6 dB under the VAD's default gate, so
 # none of its windows can be scored as speech. The codes, to be deleted by `bytes.translate`.

@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 import anyio
 import numpy as np
 
-from media.mulaw import is_quiet_ulaw, ulaw_to_pcm16
+from media.mulaw import FRAME_BYTES, is_quiet_ulaw, ulaw_to_pcm16
 from pipeline.call_control import CallControl, Intent, detect_intent
 from pipeline.call_setup import CallInfo, ConversationConfig, Engines
 from pipeline.echo_guard import EchoGuard
@@ -55,8 +55,7 @@ from pipeline.turn_timing import TurnTiming
 log = logging.getLogger(__name__)
 
 QUIET_RUN = 8  # quiet frames (160 ms) before holding: the resampler and VAD have caught up
-HOLD_FRAMES = 10  # quiet frames listened to as one block (200 ms)
-FRAME_BYTES = 160  # Twilio's 20 ms frame: a block is made of these
+HOLD_FRAMES = 10  # quiet frames listened to as one block (200 ms), of FRAME_BYTES each
 
 
 class Conversation(TurnActions, Speaking):
@@ -186,7 +185,7 @@ class Conversation(TurnActions, Speaking):
         actions = self._release() if self._held else []
         # The bot's voice coming back (speakerphone) is removed before anything listens.
         self._lay(self._sink.take_sent())
-        actions.extend(self._listen(ulaw_to_pcm16(ulaw), 1))
+        actions.extend(self._listen(ulaw_to_pcm16(ulaw)))
         return actions
 
     def _lay(self, sent: list[tuple[bytes, float]]) -> None:
@@ -195,16 +194,14 @@ class Conversation(TurnActions, Speaking):
             self.echo_guard.far_end(ulaw_to_pcm16(chunk), sent_at - self._mono0)
 
     def _release(self) -> list[Action]:
-        """Listen to the held quiet frames as one block."""
+        """Listen to the held quiet frames as one block. The echo guard takes it in parts when
+        bot audio went out while they were held, each send laid between the frames it came
+        between; quiet frames come out of it as they went in, so the listener gets the block
+        whole."""
         held = self._held
         frames = len(held)
         block = ulaw_to_pcm16(b"".join(held))
         held.clear()
-        if not self._held_sends:
-            return self._listen(block, frames)
-        # Bot audio went out while they were held: the echo guard takes the block in parts,
-        # each send laid between the frames it came between (quiet frames come out as they
-        # went in, so the listener still gets the block whole).
         done = 0
         for at, sent in self._held_sends:
             if at > done:
@@ -216,8 +213,9 @@ class Conversation(TurnActions, Speaking):
             self.echo_guard.process(block[done * FRAME_BYTES:], frames - done)
         return self.turns.feed(block, time.monotonic(), self._sink.audible)
 
-    def _listen(self, pcm8k: np.ndarray, frames: int) -> list[Action]:
-        pcm8k = self.echo_guard.process(pcm8k, frames)
+    def _listen(self, pcm8k: np.ndarray) -> list[Action]:
+        """One frame, one by one: the echo guard's output is what the listener hears."""
+        pcm8k = self.echo_guard.process(pcm8k)
         return self.turns.feed(pcm8k, time.monotonic(), self._sink.audible)
 
     async def act(self, actions: list[Action]) -> None:

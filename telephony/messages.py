@@ -136,7 +136,7 @@ def _payload(media: dict[str, Any]) -> bytes:
     encoded = media.get("payload")
     if not isinstance(encoded, str):
         raise ProtocolError("'media.payload' must be a base64 string")
-    if len(encoded) > MAX_MEDIA_PAYLOAD_BYTES * 4 // 3 + 4:
+    if len(encoded) > _MAX_PAYLOAD_B64:
         raise ProtocolError("'media.payload' is too large")
     try:
         return base64.b64decode(encoded, validate=True)
@@ -222,13 +222,22 @@ def _fast_media(data: dict[str, Any]) -> Media | None:
     timestamp = _fast_number(media.get("timestamp", "0"))
     sequence = _fast_number(data.get("sequenceNumber", "0"))
     if (chunk is None or timestamp is None or sequence is None or type(track) is not str
-            or len(track) > 256 or type(encoded) is not str or len(encoded) > _MAX_PAYLOAD_B64):
+            or len(track) > 256 or type(encoded) is not str):
         return None
-    try:
-        payload = binascii.a2b_base64(encoded, strict_mode=True)  # b64decode(validate=True)
-    except (binascii.Error, ValueError):
+    payload = _fast_payload(encoded)
+    if payload is None:
         return None
     return Media(stream_sid, track, chunk, timestamp, payload, sequence)
+
+
+def _fast_payload(encoded: str) -> bytes | None:
+    """`_payload`'s bytes, or None for it to say what is wrong."""
+    if len(encoded) > _MAX_PAYLOAD_B64:
+        return None
+    try:
+        return binascii.a2b_base64(encoded, strict_mode=True)  # b64decode(validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 # A `media` message laid out as Twilio sends it (its keys in this order; JSON whitespace
@@ -253,11 +262,8 @@ def _media_by_layout(text: str) -> Media | None:
     if match is None:
         return None
     sequence, track, chunk, timestamp, encoded, stream_sid = match.groups()
-    if len(encoded) > _MAX_PAYLOAD_B64:
-        return None
-    try:
-        payload = binascii.a2b_base64(encoded, strict_mode=True)
-    except binascii.Error:
+    payload = _fast_payload(encoded)
+    if payload is None:
         return None
     return Media(stream_sid, track, int(chunk), int(timestamp), payload, int(sequence))
 

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from media.audiofile import read_wav
-from media.mulaw import pcm16_to_ulaw, ulaw_silence
+from media.mulaw import FRAME_BYTES, pcm16_to_ulaw, ulaw_silence
 
 FRAME_MS = 20
-FRAME_BYTES = 160  # 20 ms of 8 kHz μ-law
 SPEECH_DBFS = -40.0
 
 
