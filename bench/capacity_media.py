@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -158,7 +159,10 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
         marks = ["--stats-dir", str(stats_dir)]
         procs = [subprocess.Popen([*load_cmd, "--calls", str(k), *(marks if i == 0 else [])],
                                   stdout=subprocess.PIPE, env=env) for i, k in enumerate(per)]
+        recorder = PerfRecorder(server.pid, stats_dir, build / f"perf-{n}.data", args.duration
+                                ) if args.perf else None
         outputs = [json.loads(p.communicate(timeout=args.duration + 120)[0]) for p in procs]
+        perf = recorder.report() if recorder is not None else None
         time.sleep(2.0)  # the server finishes the calls it was sent `stop` for
         window = merge(read_snapshots(stats_dir, "*.final.json"))
         final = merge(read_snapshots(stats_dir, "[0-9]*[0-9].json"))
@@ -171,7 +175,45 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
         shutil.rmtree(stats_dir, ignore_errors=True)
     row = summarize(n, outputs, window, final)
     row["background_cpus"] = background
+    if perf is not None:
+        row["perf_cpu_by_object_pct"] = perf
     return row
+
+
+class PerfRecorder:
+    """`--perf`: samples the server's processes with Linux `perf` over the steady window, and
+    reports where their CPU went by shared object (the interpreter, onnxruntime, numpy, the
+    kernel, ...): a view cProfile cannot give, since it sees Python calls only and slows them."""
+
+    def __init__(self, server_pid: int, stats_dir: Path, out: Path, seconds: float) -> None:
+        if shutil.which("perf") is None:
+            raise SystemExit("--perf needs Linux perf (apt-get install linux-perf)")
+        self.out = out
+        self._thread = threading.Thread(target=self._record,
+                                        args=(server_pid, stats_dir, seconds), daemon=True)
+        self._thread.start()
+
+    def _record(self, server_pid: int, stats_dir: Path, seconds: float) -> None:
+        deadline = time.monotonic() + 300
+        while not (stats_dir / "reset").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the window starts after the ramp-up
+        children = Path(f"/proc/{server_pid}/task/{server_pid}/children")
+        pids = [server_pid, *(int(p) for p in children.read_text().split())]  # the workers
+        subprocess.run(["perf", "record", "-q", "-F", "499", "-o", str(self.out),
+                        "-p", ",".join(map(str, pids)), "--", "sleep", str(seconds)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+    def report(self) -> dict[str, float]:
+        self._thread.join()
+        text = subprocess.run(["perf", "report", "-i", str(self.out), "--stdio", "--sort", "dso",
+                               "-g", "none", "--percent-limit", "0.5"],
+                              capture_output=True, text=True, check=False).stdout
+        shares: dict[str, float] = {}
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) == 2 and fields[0].endswith("%") and not line.startswith("#"):
+                shares[fields[1]] = float(fields[0].rstrip("%"))
+        return shares
 
 
 def read_snapshots(directory: Path, pattern: str) -> list[dict]:  # type: ignore[type-arg]
@@ -240,6 +282,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the server's main thread into build/capacity-N.prof")
     parser.add_argument("--profile-out", help=argparse.SUPPRESS)
+    parser.add_argument("--perf", action="store_true",
+                        help="sample the server with Linux perf over the window: its CPU by "
+                             "shared object (interpreter, onnxruntime, kernel, ...)")
     parser.add_argument("--steps", type=int, nargs="+", default=DEFAULT_STEPS)
     parser.add_argument("--duration", type=float, default=20.0, help="steady window, s")
     parser.add_argument("--late-ms", type=float, default=60.0,
@@ -274,6 +319,8 @@ def main() -> None:
         row = run_step(n, args)
         rows.append(row)
         print_row(row)
+        for name, share in (row.get("perf_cpu_by_object_pct") or {}).items():
+            print(f"{'':>7}{share:6.1f} %  {name}")
         if not row["ok"] and not args.keep_going:
             break
     passing = [r["calls"] for r in rows if r["ok"]]

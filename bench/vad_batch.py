@@ -1,0 +1,163 @@
+"""Silero VAD for many calls in one model run: exact, and what it would save.
+
+Silero v6 (the copy inside faster-whisper) runs its LSTM over the rows of its input as one
+sequence, with a state for one stream (`h`, `c`: 1 × 1 × 128). So a window of call A and a
+window of call B cannot share a run, and every scored window pays the model's fixed cost
+alone; under load that is a fifth of the media path's CPU (`perf`, README "Capacity").
+
+Two edits to the graph make one run score one window for each of B streams, each with its own
+state: the Transpose in front of the LSTM takes `perm (2, 0, 1)` instead of `(0, 2, 1)` (the
+rows become the LSTM's batch, one time step each, instead of its time steps), and the state's
+second dimension is left free (`h`, `c`: 1 × B × 128). Nothing else changes: the encoder
+already works row by row, and the decoder's own Transpose puts the batch back in order.
+
+This script builds that variant from the installed model (with the `onnx` package, a dev
+dependency), checks it against the stock model stream by stream on real speech (every
+probability and state must be bit-identical), and times both per window:
+
+    .venv/bin/python bench/vad_batch.py                      # table + bench/results/vad_batch.json
+    .venv/bin/python bench/vad_batch.py --sizes 1 8 32 --repeats 5
+
+The call path does not use it yet: scoring across calls means holding each call's windows
+until the end of the event loop's tick (docs/ARCHITECTURE.md, "Capacity: what is left").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from media.audiofile import read_wav  # noqa: E402
+from media.vad import CONTEXT, WINDOW, silero_model_path  # noqa: E402
+
+LSTM_INPUT = "/Transpose_output_0"  # the encoder's output, laid out for the LSTM
+STATE = ("h", "c", "hn", "cn")
+
+
+def batched_model_bytes(path: Path | None = None) -> bytes:
+    """The v6 model with the batch edits (see the module docstring), serialized."""
+    import onnx
+
+    model = onnx.load(str(path or silero_model_path()))
+    graph = model.graph
+    transposes = [n for n in graph.node if n.op_type == "Transpose" and n.output[0] == LSTM_INPUT]
+    if len(transposes) != 1:
+        raise ValueError("not the Silero v6 graph this edit knows (no single LSTM Transpose)")
+    perm = next(a for a in transposes[0].attribute if a.name == "perm")
+    if list(perm.ints) != [0, 2, 1]:
+        raise ValueError(f"unexpected Transpose perm {list(perm.ints)}")
+    del perm.ints[:]
+    perm.ints.extend([2, 0, 1])
+    for value in [*graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if value.name in STATE:
+            dims[1].dim_param = "batch"
+        elif value.name == "speech_probs":
+            dims[0].dim_param = "batch"
+    del graph.value_info[:]  # shapes inferred for one stream; the runtime infers its own
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def session(model: str | bytes) -> object:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"],
+                                        sess_options=options)
+
+
+def speech_windows(streams: int, windows: int) -> np.ndarray:
+    """(windows, streams, CONTEXT + WINDOW) model inputs: the fixture's words at 16 kHz, each
+    stream starting at a different place, with each window's 64 samples of context."""
+    words = read_wav(ROOT / "tests" / "fixtures" / "one_two_three.wav", 16000)
+    audio = np.tile(words.astype(np.float32) / 32768.0, 2 + windows * WINDOW // words.size)
+    out = np.zeros((windows, streams, CONTEXT + WINDOW), dtype=np.float32)
+    for s in range(streams):
+        start = CONTEXT + (s * 1237) % words.size
+        for w in range(windows):
+            at = start + w * WINDOW
+            out[w, s] = audio[at - CONTEXT:at + WINDOW]
+    return out
+
+
+def check_exact(stock: object, batched: object, streams: int = 7, windows: int = 40) -> float:
+    """Largest difference between the two models on the same streams (0.0 when exact)."""
+    inputs = speech_windows(streams, windows)
+    worst = 0.0
+    h = [np.zeros((1, 1, 128), dtype=np.float32) for _ in range(streams)]
+    c = [np.zeros((1, 1, 128), dtype=np.float32) for _ in range(streams)]
+    hb = np.zeros((1, streams, 128), dtype=np.float32)
+    cb = np.zeros((1, streams, 128), dtype=np.float32)
+    for w in range(windows):
+        probs, hb, cb = batched.run(None, {"input": inputs[w], "h": hb, "c": cb})  # type: ignore[attr-defined]
+        for s in range(streams):
+            prob, h[s], c[s] = stock.run(None, {"input": inputs[w, s][None], "h": h[s], "c": c[s]})  # type: ignore[attr-defined]
+            worst = max(worst, abs(float(prob[0]) - float(probs[s])),
+                        float(np.abs(h[s][0, 0] - hb[0, s]).max()),
+                        float(np.abs(c[s][0, 0] - cb[0, s]).max()))
+    return worst
+
+
+def time_per_window(model: object, batch: int, runs: int, repeats: int) -> float:
+    """Best-of-`repeats` µs per window for runs of `batch` windows."""
+    inputs = speech_windows(batch, 1)[0]
+    h = np.zeros((1, batch, 128), dtype=np.float32)
+    c = np.zeros((1, batch, 128), dtype=np.float32)
+    feed = {"input": inputs, "h": h, "c": c}
+    for _ in range(10):
+        model.run(None, feed)  # type: ignore[attr-defined]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(runs):
+            model.run(None, feed)  # type: ignore[attr-defined]
+        best = min(best, (time.perf_counter() - start) / runs)
+    return best / batch * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--windows", type=int, default=2048, help="windows timed per size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "vad_batch.json"))
+    args = parser.parse_args()
+
+    stock = session(str(silero_model_path()))
+    batched = session(batched_model_bytes())
+    worst = check_exact(stock, batched)
+    print(f"batched against stock, 7 streams × 40 windows of speech: largest difference {worst}")
+    if worst != 0.0:
+        raise SystemExit("the batched model does not match the stock model")
+    stock_us = time_per_window(stock, 1, args.windows, args.repeats)
+    print(f"stock model, one window per run: {stock_us:.1f} µs per window")
+    print(f"{'streams per run':>15} {'µs per window':>14} {'vs stock':>9}")
+    rows = []
+    for size in args.sizes:
+        us = time_per_window(batched, size, max(1, args.windows // size), args.repeats)
+        rows.append({"streams": size, "us_per_window": round(us, 1),
+                     "vs_stock": round(us / stock_us, 3)})
+        print(f"{size:>15} {us:>14.1f} {us / stock_us:>9.2f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(),
+        "largest_difference": worst, "stock_us_per_window": round(stock_us, 1),
+        "batched": rows}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
