@@ -1,9 +1,9 @@
 """The media path's own cost per inbound frame, in-process: no sockets, no event loop.
 
 N calls, each a real `TwilioStream` on a real `Conversation` (Silero VAD, echo guard,
-turn-taking), are fed Twilio `media` messages as their text: a caller utterance of 2.7 s
-(the fixture "one two three") then silence, every 8 s, each call at its own place in that
-cycle. The frames of all calls are interleaved as the server sees them, so with many calls
+turn-taking), are fed Twilio `media` messages as their text, the capacity benchmark's caller
+(`bench/media_load.py`): silence, then a 2.7 s utterance (the fixture "one two three"), every
+8 s, each call at its own place in that cycle. The frames of all calls are interleaved as the server sees them, so with many calls
 each frame finds its call's state out of the CPU's caches. What is timed is
 `TwilioStream._take` (parse, dispatch, `Conversation.hear`), the synchronous part of a
 frame; the turn-taking actions it returns are not carried out, so no reply is spoken.
@@ -18,9 +18,7 @@ both sides alternately all the same: the machine's speed drifts).
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
-import json
 import sys
 import time
 import warnings
@@ -32,8 +30,7 @@ sys.path.insert(0, str(ROOT))
 import anyio  # noqa: E402
 
 from bench.capacity_server import FixedStt, InstantLlm  # noqa: E402
-from media.audiofile import read_wav  # noqa: E402
-from media.mulaw import FRAME_BYTES, pcm16_to_ulaw, ulaw_silence  # noqa: E402
+from bench.media_load import media_text, script_payloads  # noqa: E402
 from media.vad import SileroSession, SileroVad  # noqa: E402
 from pipeline.call_setup import CallInfo, ConversationConfig, Engines  # noqa: E402
 from pipeline.conversation import Conversation  # noqa: E402
@@ -42,7 +39,8 @@ from pipeline.listener import EndpointConfig  # noqa: E402
 from pipeline.tts_piper import ToneTts  # noqa: E402
 from telephony.stream import StreamState, TwilioStream  # noqa: E402
 
-CYCLE_FRAMES = 400  # 8 s
+FIXTURE = ROOT / "tests" / "fixtures" / "one_two_three.wav"
+CYCLE_S = 8.0
 
 
 class _Sink:
@@ -57,23 +55,8 @@ class _Sink:
         return False
 
 
-def caller_cycle() -> list[bytes]:
-    words = pcm16_to_ulaw(read_wav(ROOT / "tests" / "fixtures" / "one_two_three.wav", 8000))
-    frames = [words[i:i + FRAME_BYTES] for i in range(0, len(words) - FRAME_BYTES + 1,
-                                                       FRAME_BYTES)]
-    return frames + [ulaw_silence(20)] * (CYCLE_FRAMES - len(frames))
-
-
-def media_text(stream_sid: str, index: int, payload: bytes) -> str:
-    return json.dumps({"event": "media", "sequenceNumber": str(index + 3),
-                       "media": {"track": "inbound", "chunk": str(index + 2),
-                                 "timestamp": str(index * 20),
-                                 "payload": base64.b64encode(payload).decode()},
-                       "streamSid": stream_sid}, separators=(",", ":"))
-
-
 def make_calls(calls: int, silero: SileroSession) -> list[tuple[TwilioStream, list[str]]]:
-    cycle = caller_cycle()
+    cycle = script_payloads(FIXTURE, CYCLE_S)  # the capacity benchmark's caller, as base64
     engines = Engines(stt=FixedStt("hello"), llm=InstantLlm("Okay."), tts=ToneTts(),  # type: ignore[arg-type]
                       vad=lambda: SileroVad(silero), stt_limiter=anyio.CapacityLimiter(1),
                       turn_model=None)
@@ -89,20 +72,22 @@ def make_calls(calls: int, silero: SileroSession) -> list[tuple[TwilioStream, li
         stream.conversation = Conversation(CallInfo(f"CA{call:032d}", stream.stream_sid),
                                            engines, sink, EventBus(),  # type: ignore[arg-type]
                                            dataclasses.replace(config))
-        offset = (call * 397) % CYCLE_FRAMES  # each call at its own place in the cycle
-        texts = [media_text(stream.stream_sid, i, cycle[(i + offset) % CYCLE_FRAMES])
-                 for i in range(2 * CYCLE_FRAMES)]
+        offset = (call * 397) % len(cycle)  # each call at its own place in the cycle
+        texts = [media_text(stream.stream_sid, i, cycle[(i + offset) % len(cycle)])
+                 for i in range(2 * len(cycle))]
         out.append((stream, texts))
     return out
 
 
-def time_cycle(calls: list[tuple[TwilioStream, list[str]]], first: int) -> float:
-    """CPU µs per frame over one 8 s cycle of every call's frames, interleaved."""
+def time_cycle(calls: list[tuple[TwilioStream, list[str]]], second: bool) -> float:
+    """CPU µs per frame over one 8 s cycle (the first or the second) of every call's frames,
+    interleaved."""
+    frames = len(calls[0][1]) // 2
     start = time.process_time()
-    for index in range(first, first + CYCLE_FRAMES):
+    for index in range(frames * second, frames * (1 + second)):
         for stream, texts in calls:
             stream._take(texts[index])
-    return (time.process_time() - start) / (CYCLE_FRAMES * len(calls)) * 1e6
+    return (time.process_time() - start) / (frames * len(calls)) * 1e6
 
 
 def main() -> None:
@@ -117,8 +102,8 @@ def main() -> None:
         runs = []
         for _ in range(args.repeats):
             calls = make_calls(n, silero)
-            time_cycle(calls, 0)  # the first cycle warms up (allocations, the first fits)
-            runs.append(time_cycle(calls, CYCLE_FRAMES))
+            time_cycle(calls, second=False)  # warms up (allocations, the first fits)
+            runs.append(time_cycle(calls, second=True))
         print(f"{n:>6} {min(runs):>20.2f} {' '.join(f'{r:.2f}' for r in runs):>24}", flush=True)
 
 

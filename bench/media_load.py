@@ -63,6 +63,13 @@ def script_payloads(wav: Path, speech_every_s: float,
     return [base64.b64encode(f).decode() for f in frames]
 
 
+def media_text(stream_sid: str, k: int, payload: str) -> str:
+    """The k-th (from 0) `media` message of a stream, laid out as Twilio sends it."""
+    return (f'{{"event":"media","sequenceNumber":"{k + 2}","media":{{"track":"inbound",'
+            f'"chunk":"{k + 1}","timestamp":"{k * 20}","payload":"{payload}"}},'
+            f'"streamSid":"{stream_sid}"}}')
+
+
 def ws_frame(text: str, opcode: int = 0x1) -> bytes:
     payload = text.encode()
     n = len(payload)
@@ -153,11 +160,8 @@ class LoadCall(asyncio.Protocol):
         due = self.t0 + k * FRAME_S
         if now - due > 0.010:
             self.stats.late_sends += 1
-        payload = self.payloads[(k + self.offset) % len(self.payloads)]
-        self.send_text(
-            f'{{"event":"media","sequenceNumber":"{k + 2}","media":{{"track":"inbound",'
-            f'"chunk":"{k + 1}","timestamp":"{k * 20}","payload":"{payload}"}},'
-            f'"streamSid":"{self.stream_sid}"}}')
+        self.send_text(media_text(self.stream_sid, k,
+                                  self.payloads[(k + self.offset) % len(self.payloads)]))
         self.stats.sent += 1
         if self._marks:
             self._echo_due(now)

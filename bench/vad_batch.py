@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from media.audiofile import read_wav  # noqa: E402
-from media.vad import CONTEXT, WINDOW, silero_model_path  # noqa: E402
+from media.vad import CONTEXT, WINDOW, SileroSession, silero_model_path  # noqa: E402
 
 LSTM_INPUT = "/Transpose_output_0"  # the encoder's output, laid out for the LSTM
 STATE = ("h", "c", "hn", "cn")
@@ -66,17 +66,6 @@ def batched_model_bytes(path: Path | None = None) -> bytes:
     del graph.value_info[:]  # shapes inferred for one stream; the runtime infers its own
     onnx.checker.check_model(model)
     return model.SerializeToString()
-
-
-def session(model: str | bytes) -> object:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.inter_op_num_threads = 1
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"],
-                                        sess_options=options)
 
 
 def speech_windows(streams: int, windows: int) -> np.ndarray:
@@ -136,8 +125,9 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "vad_batch.json"))
     args = parser.parse_args()
 
-    stock = session(str(silero_model_path()))
-    batched = session(batched_model_bytes())
+    # The sessions the server makes (one thread each, the same options), for both models.
+    stock = SileroSession().session
+    batched = SileroSession(batched_model_bytes()).session
     worst = check_exact(stock, batched)
     print(f"batched against stock, 7 streams × 40 windows of speech: largest difference {worst}")
     if worst != 0.0:

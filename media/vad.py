@@ -50,7 +50,9 @@ def dbfs(window: np.ndarray) -> float:
 class SileroSession:
     """The loaded ONNX model, shared by every call (inference is thread-safe in onnxruntime)."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, model: Path | bytes | None = None) -> None:
+        """`model`: the ONNX file, or a serialized model; by default the one faster-whisper
+        ships."""
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -58,7 +60,8 @@ class SileroSession:
         options.intra_op_num_threads = 1
         options.log_severity_level = 4
         self.session = onnxruntime.InferenceSession(
-            str(path or silero_model_path()), providers=["CPUExecutionProvider"], sess_options=options
+            model if isinstance(model, bytes) else str(model or silero_model_path()),
+            providers=["CPUExecutionProvider"], sess_options=options
         )
         self.silence_state = self._settle_on_silence()
 

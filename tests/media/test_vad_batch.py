@@ -10,17 +10,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from bench.vad_batch import batched_model_bytes, check_exact, session, speech_windows
-from media.vad import silero_model_path
+from bench.vad_batch import batched_model_bytes, check_exact, speech_windows
+from media.vad import SileroSession
 
 
 @pytest.fixture(scope="module")
 def stock() -> object:
-    return session(str(silero_model_path()))
+    return SileroSession().session
 
 
 def test_the_batched_model_matches_the_stock_model_stream_by_stream(stock: object) -> None:
-    batched = session(batched_model_bytes())
+    batched = SileroSession(batched_model_bytes()).session
     assert check_exact(stock, batched, streams=5, windows=30) == 0.0
 
 
