@@ -148,16 +148,27 @@ class Listener:
         if self._pending.size:
             audio = np.concatenate((self._pending, audio))
         events: list[ListenerEvent] = []
-        offset = 0
-        while audio.size - offset >= WINDOW:
-            self._window(audio[offset : offset + WINDOW], now, events)
-            offset += WINDOW
-        self._pending = audio[offset:].copy()
+        count = audio.size // WINDOW
+        if count:
+            # The block's windows are scored together (`Vad.score_run`: one model run for
+            # the lot); an utterance that ends inside the block resets the VAD, and the
+            # windows after it are scored again from there, as one by one would have.
+            windows = audio[: count * WINDOW].reshape(count, WINDOW)
+            done = 0
+            while done < count:
+                probs = self._vad.score_run(windows[done:])
+                for prob in probs:
+                    done += 1
+                    if self._window(windows[done - 1], prob, now, events) and done < count:
+                        break
+        self._pending = audio[count * WINDOW:].copy()
         return events
 
-    def _window(self, window: np.ndarray, now: float, events: list[ListenerEvent]) -> None:
+    def _window(self, window: np.ndarray, prob: float, now: float,
+                events: list[ListenerEvent]) -> bool:
+        """One scored window through the endpointing state machine; True when it ended the
+        utterance (the VAD was reset)."""
         cfg = self.config
-        prob = self._vad.score(window)
         self.last_probability = prob
         # Hysteresis: harder to enter speech than to stay in it.
         voiced = prob >= cfg.threshold if not self._in_speech else prob >= cfg.threshold - 0.15
@@ -165,7 +176,7 @@ class Listener:
             self._preroll.append(window.copy())
             if voiced:
                 self._start(now, events)
-            return
+            return False
         self._utterance.append(window.copy())
         self._utterance_ms += WINDOW_MS
         if voiced:
@@ -195,6 +206,8 @@ class Listener:
                 events.append(SpeechPaused(self._audio(), self._last_voice_at))
         if self._silence_ms >= cfg.silence_ms or self._utterance_ms >= cfg.max_utterance_ms:
             self._end(now, events)
+            return True
+        return False
 
     def _start(self, now: float, events: list[ListenerEvent]) -> None:
         self._in_speech = True

@@ -37,3 +37,27 @@ def test_a_noise_burst_is_not_sustained_speech(session: SileroSession, fixtures_
     vad = SileroVad(session)
     probs = [vad.score(w) for w in _windows(str(fixtures_dir / "click.wav"))]
     assert sum(p > 0.5 for p in probs) <= 3
+
+
+def test_a_run_of_windows_scores_exactly_as_one_by_one(session: SileroSession,
+                                                       fixtures_dir) -> None:
+    """`score_run` (one model run for consecutive windows) against `score` window by window:
+    bit for bit, with runs of every length the listener makes, gated windows inside a run
+    (state back to silence, context kept) and resets between runs."""
+    words = _windows(str(fixtures_dir / "one_two_three.wav"))
+    quiet = np.full(WINDOW, 1e-4, dtype=np.float32)
+    stream = [*words[:20], quiet, *words[20:31], quiet, quiet, *words[31:]]
+    sizes = [1, 3, 4, 2, 5, 3, 4, 3, 1, 4]
+    one, many = SileroVad(session), SileroVad(session)
+    expected, got, at, turn = [], [], 0, 0
+    while at < len(stream):
+        block = stream[at:at + sizes[turn % len(sizes)]]
+        expected += [one.score(w) for w in block]
+        got += many.score_run(np.stack(block))
+        at += len(block)
+        turn += 1
+        if turn % 7 == 0:  # an utterance ended: both start over
+            one.reset()
+            many.reset()
+    assert got == expected
+    assert sum(p > 0.5 for p in got) >= 15 and got[20] == 0.0

@@ -63,3 +63,79 @@ def test_a_click_is_never_confirmed_speech(session, fixtures_dir) -> None:
     events = run(Listener(SileroVad(session)), fixtures_dir / "click.wav")
     assert not any(isinstance(e, SpeechConfirmed) for e in events)
     assert not any(isinstance(e, SpeechEnded) and e.worth_transcribing for e in events)
+
+
+class OneByOne:
+    """The same Silero, made to score every window in its own model run."""
+
+    def __init__(self, vad: SileroVad) -> None:
+        self._vad = vad
+
+    def score(self, window: np.ndarray) -> float:
+        return self._vad.score(window)
+
+    def score_run(self, windows: np.ndarray) -> list[float]:
+        return [self._vad.score(window) for window in windows]
+
+    def reset(self) -> None:
+        self._vad.reset()
+
+
+def test_windows_scored_by_block_give_the_events_of_one_by_one(session, fixtures_dir) -> None:
+    """The listener scores each resampler block's windows in one model run; an utterance that
+    ends inside a block resets the VAD, so the windows after it are scored again. On a line
+    with hiss (Silero runs between the words too) and short endpoints (many ends inside
+    blocks), the events are those of one window per run, audio included."""
+    pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(fixtures_dir / "one_two_three.wav", 8000)))
+    hiss = np.random.default_rng(7).normal(0, 32768 * 10 ** (-45 / 20), 8 * 4000)
+    line = np.concatenate([pcm, pcm, np.zeros(8 * 1500)])
+    line = np.clip(line + np.resize(hiss, line.size), -32768, 32767).astype(np.int16)
+    config = EndpointConfig(silence_ms=250, speculative_ms=120)
+    outcomes = []
+    for vad in (SileroVad(session), OneByOne(SileroVad(session))):
+        listener = Listener(vad, config)  # type: ignore[arg-type]
+        events = []
+        for i in range(0, len(line) - 159, 160):
+            events += listener.feed(line[i : i + 160], now=i / 8000)
+        outcomes.append(events)
+    block, single = outcomes
+    assert sum(isinstance(e, SpeechEnded) for e in single) >= 4
+    assert [type(e) for e in block] == [type(e) for e in single]
+    for a, b in zip(block, single, strict=True):
+        for name in a.__slots__:
+            x, y = getattr(a, name), getattr(b, name)
+            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, name
+
+
+class Scripted:
+    """A VAD with a state, as Silero has: voiced for the first 10 windows after a reset, then
+    silent until the next one."""
+
+    def __init__(self) -> None:
+        self.since_reset = 0
+
+    def score(self, window: np.ndarray) -> float:
+        self.since_reset += 1
+        return 1.0 if self.since_reset <= 10 else 0.0
+
+    def score_run(self, windows: np.ndarray) -> list[float]:
+        return [self.score(window) for window in windows]
+
+    def reset(self) -> None:
+        self.since_reset = 0
+
+
+def test_windows_after_an_end_inside_a_block_are_scored_after_the_reset() -> None:
+    """An utterance ends (and the VAD resets) in the middle of a block of windows: the rest of
+    the block is scored from the reset state. With this VAD every utterance is 10 voiced
+    windows and 5 silent ones, wherever the block edges fall: the 300 windows' worth of audio
+    (a few fewer come out: the resampler's delay) holds 19 whole ones. Scoring the rest of a
+    block before the reset would lose windows at each end, and an utterance in all."""
+    listener = Listener(Scripted(), EndpointConfig(silence_ms=160, speculative_ms=0))  # type: ignore[arg-type]
+    frames = 300 * 512 // 320 + 1  # 8 kHz frames for 300 windows at 16 kHz, plus the filter
+    tone = (3000 * np.sin(np.arange(160 * frames) * 0.3)).astype(np.int16)
+    events = []
+    for i in range(frames):
+        events += listener.feed(tone[i * 160:(i + 1) * 160], now=i * 0.02)
+    ended = [e for e in events if isinstance(e, SpeechEnded)]
+    assert len(ended) == 19 and all(e.voiced_ms == 10 * 32 for e in ended)
