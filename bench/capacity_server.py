@@ -22,7 +22,10 @@ import gc
 import json
 import os
 import resource
+import sys
+import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +85,9 @@ class BenchStats:
         self.reset()
 
     def reset(self) -> None:
+        # What went late before the window (the ramp-up), kept apart.
+        self.before_late = getattr(self, "late", 0)
+        self.before_lag_max = getattr(self, "lag_max", 0.0)
         self.hist = [0] * (MAX_MS * BUCKETS_PER_MS + 1)
         self.frames = 0
         self.late = 0
@@ -90,8 +96,10 @@ class BenchStats:
         self.work_max = 0.0
         self.slow = 0  # frames whose own processing took over 20 ms (an await that stalled)
         self.loop_lags: list[float] = []
+        self.beat = time.monotonic()  # the loop's last round, for the stall watch
         self.gc_s = 0.0  # time in the cyclic garbage collector (it stops the event loop)
         self.gc_max = 0.0
+        self.gc_runs: dict[str, list[float]] = {}  # generation → [collections, longest ms]
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu0 = usage.ru_utime + usage.ru_stime
         self.t0 = time.monotonic()
@@ -111,7 +119,7 @@ class BenchStats:
         if ms > self.late_ms:
             self.late += 1
 
-    def snapshot(self, active_calls: int) -> dict[str, Any]:
+    def snapshot(self, active_calls: int, final: bool = False) -> dict[str, Any]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "pid": os.getpid(),
@@ -122,6 +130,8 @@ class BenchStats:
             "hist": {str(i): n for i, n in enumerate(self.hist) if n},
             "lag_max_ms": self.lag_max,
             "late_frames": self.late,
+            "before_late_frames": self.before_late,
+            "before_lag_max_ms": self.before_lag_max,
             "work_s": self.work_s,
             "work_max_ms": self.work_max * 1000,
             "slow_frames": self.slow,
@@ -130,6 +140,8 @@ class BenchStats:
             "max_rss_mb": usage.ru_maxrss / 1024,
             "gc_s": self.gc_s,
             "gc_max_ms": self.gc_max * 1000,
+            "gc_runs": self.gc_runs,
+            "gc_tracked": [len(gc.get_objects(g)) for g in range(3)] if final else None,
         }
 
     def on_gc(self, phase: str, info: dict[str, int]) -> None:
@@ -139,6 +151,9 @@ class BenchStats:
         took = time.perf_counter() - getattr(self, "_gc_t0", time.perf_counter())
         self.gc_s += took
         self.gc_max = max(self.gc_max, took)
+        runs = self.gc_runs.setdefault(str(info["generation"]), [0, 0.0])
+        runs[0] += 1
+        runs[1] = max(runs[1], round(took * 1000, 1))
 
 
 def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,16 +184,22 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         "lag_p99_ms": lag_percentile(0.99),
         "lag_max_ms": round(max((s["lag_max_ms"] for s in snapshots), default=0.0), 1),
         "late_frames": sum(s["late_frames"] for s in snapshots),
+        "before_late_frames": sum(s.get("before_late_frames", 0) for s in snapshots),
+        "before_lag_max_ms": round(max((s.get("before_lag_max_ms", 0.0)
+                                        for s in snapshots), default=0.0), 1),
         "frame_work_us": round(work / frames * 1e6, 1) if frames else None,
         "frame_work_max_ms": round(max((s["work_max_ms"] for s in snapshots), default=0.0), 1),
         "slow_frames": sum(s["slow_frames"] for s in snapshots),
         "loop_lag_p99_ms": round(loops[int(0.99 * (len(loops) - 1))] * 1000, 1) if loops
         else None,
+        "loop_lag_max_ms": round(loops[-1] * 1000, 1) if loops else None,
         "active_calls": sum(s["active_calls"] for s in snapshots),
         "cpu_s_per_worker": sorted(round(s["cpu_s"], 2) for s in snapshots),
         "max_rss_mb": round(max((s["max_rss_mb"] for s in snapshots), default=0.0), 1),
         "gc_ms": round(1000 * sum(s.get("gc_s", 0.0) for s in snapshots), 1),
         "gc_max_ms": round(max((s.get("gc_max_ms", 0.0) for s in snapshots), default=0.0), 1),
+        "gc_runs_per_worker": [s.get("gc_runs") for s in snapshots],
+        "gc_tracked_per_worker": [s.get("gc_tracked") for s in snapshots],
     }
 
 
@@ -224,11 +245,10 @@ async def _report_loop(app: Starlette, directory: Path) -> None:
         if reset != seen_reset:
             seen_reset = reset
             STATS.reset()
-        snapshot = json.dumps(STATS.snapshot(active))
         if end != seen_end:
             seen_end = end
-            (directory / f"{pid}.final.json").write_text(snapshot)
-        (directory / f"{pid}.json").write_text(snapshot)
+            (directory / f"{pid}.final.json").write_text(json.dumps(STATS.snapshot(active, True)))
+        (directory / f"{pid}.json").write_text(json.dumps(STATS.snapshot(active)))
 
 
 async def _loop_lag_monitor() -> None:
@@ -237,6 +257,30 @@ async def _loop_lag_monitor() -> None:
         due = loop.time() + 0.02
         await asyncio.sleep(0.02)
         STATS.loop_lags.append(max(0.0, loop.time() - due))
+        STATS.beat = time.monotonic()
+
+
+def _stall_watch(directory: Path, stall_ms: float) -> None:
+    """A thread that, whenever the event loop has not come round for `stall_ms`, writes every
+    thread's stack to `<pid>.stalls.txt` (every 10 ms while the stall lasts): what the loop was
+    doing when frames went late. BENCH_STALL_MS turns it on (`capacity_media.py --stalls`)."""
+    main = threading.main_thread().ident
+    out = directory / f"{os.getpid()}.stalls.txt"
+    STATS.beat = time.monotonic()
+    while True:
+        time.sleep(0.01)
+        stalled_ms = (time.monotonic() - STATS.beat) * 1000
+        if stalled_ms < stall_ms:
+            continue
+        lines = [f"--- loop stalled {stalled_ms:.0f} ms, {time.monotonic() - STATS.t0:.3f} s "
+                 "into the window\n"]
+        for ident, frame in sys._current_frames().items():
+            if ident == threading.get_ident():
+                continue
+            lines.append(f"thread {'main' if ident == main else ident}:\n")
+            lines.extend(traceback.format_stack(frame, limit=12))
+        with out.open("a") as file:
+            file.writelines(lines)
 
 
 def app_from_env() -> Starlette:
@@ -269,6 +313,9 @@ def app_from_env() -> Starlette:
                 app.state.services.bus.unsubscribe("db")
             tasks = [asyncio.create_task(_report_loop(app, directory)),
                      asyncio.create_task(_loop_lag_monitor())]
+            if stall_ms := float(os.environ.get("BENCH_STALL_MS", "0")):
+                threading.Thread(target=_stall_watch, args=(directory, stall_ms),
+                                 daemon=True).start()
             try:
                 yield state
             finally:

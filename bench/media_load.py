@@ -86,11 +86,13 @@ def ws_frame(text: str, opcode: int = 0x1) -> bytes:
 class CallStats:
     sent: int = 0
     late_sends: int = 0
+    send_lag_max_ms: float = 0.0  # in the window: how late this generator sent a frame
     media_in: int = 0
     marks_echoed: int = 0
     clears: int = 0
     replies: int = 0
-    underruns: int = 0
+    underruns: int = 0  # in the window
+    ramp_underruns: int = 0  # before it
     underrun_ms: list[float] = field(default_factory=list)
     jitter_ms: list[float] = field(default_factory=list)
     greeting_s: float | None = None
@@ -160,6 +162,8 @@ class LoadCall(asyncio.Protocol):
         due = self.t0 + k * FRAME_S
         if now - due > 0.010:
             self.stats.late_sends += 1
+            if self.gen.in_window and (now - due) * 1000 > self.stats.send_lag_max_ms:
+                self.stats.send_lag_max_ms = (now - due) * 1000
         self.send_text(media_text(self.stream_sid, k,
                                   self.payloads[(k + self.offset) % len(self.payloads)]))
         self.stats.sent += 1
@@ -256,10 +260,12 @@ class LoadCall(asyncio.Protocol):
             self._chunk_in_reply = 1
         else:
             self._chunk_in_reply += 1
-            if dry_for > 0.005:
+            if not self.gen.in_window:  # the ramp-up: counted apart, like the server's lag
+                stats.ramp_underruns += dry_for > 0.005
+            elif dry_for > 0.005:
                 stats.underruns += 1
                 stats.underrun_ms.append(dry_for * 1000)
-            if self._chunk_in_reply > 2:
+            if self._chunk_in_reply > 2 and self.gen.in_window:
                 # Steady state: one chunk per chunk of audio played.
                 expected = self._prev_duration
                 stats.jitter_ms.append(abs((now - self._last_arrival) - expected) * 1000)
@@ -283,16 +289,19 @@ class LoadCall(asyncio.Protocol):
 class LoadGenerator:
     """Opens `calls` calls over `ramp_s`, streams for `duration_s`, then stops them."""
 
-    def __init__(self, url: str, calls: int, *, ramp_s: float, payloads: list[str]) -> None:
+    def __init__(self, url: str, calls: int, *, ramp_s: float, payloads: list[str],
+                 settle_s: float = 0.0) -> None:
         self.url = url
         self.calls_wanted = calls
         self.ramp_s = ramp_s
+        self.settle_s = settle_s  # after the ramp, before the window: the last greetings
         self.payloads = payloads
         self.calls: list[LoadCall] = []
         self._phases: list[list[LoadCall]] = [[] for _ in range(PHASES)]
         self.connect_failures = 0
         self._grid0 = time.monotonic()
         self.window_end = 0.0
+        self.in_window = False  # between the ramp-up and the end
 
     async def _open_call(self, index: int) -> None:
         loop = asyncio.get_running_loop()
@@ -315,27 +324,30 @@ class LoadGenerator:
 
     async def run(self, duration_s: float, on_window: object = None,
                   on_end: object = None) -> float:
-        """Ramp up, stream until `duration_s` after the ramp, stop; returns the window start."""
+        """Ramp up, settle, stream until `duration_s` after that, stop; returns the window
+        start."""
         tick = FRAME_S / PHASES
         begin = self._grid0 = time.monotonic()
         openers: list[asyncio.Task[None]] = []
         next_open = 0
         visited = 0  # tick slots served so far (a slot is one phase's turn)
         window_start = 0.0
-        end = begin + self.ramp_s + duration_s
+        end = begin + self.ramp_s + self.settle_s + duration_s
         while True:
             now = time.monotonic()
             while next_open < self.calls_wanted and now >= begin + (
                     next_open * self.ramp_s / max(1, self.calls_wanted)):
                 openers.append(asyncio.create_task(self._open_call(next_open)))
                 next_open += 1
-            if not window_start and now >= begin + self.ramp_s:
+            if not window_start and now >= begin + self.ramp_s + self.settle_s:
                 await asyncio.gather(*openers)
                 window_start = time.monotonic()
+                self.in_window = True
                 if on_window is not None:
                     await on_window()  # type: ignore[operator]
             if now >= end:
                 self.window_end = time.monotonic()
+                self.in_window = False
                 if on_end is not None:
                     await on_end()  # type: ignore[operator]
                 break
@@ -377,11 +389,13 @@ class LoadGenerator:
             "closed_early": sum(s.closed_early for s in stats),
             "frames_sent": sum(s.sent for s in stats),
             "late_sends": sum(s.late_sends for s in stats),
+            "send_lag_max_ms": round(max((s.send_lag_max_ms for s in stats), default=0.0), 1),
             "media_in": sum(s.media_in for s in stats),
             "replies": sum(s.replies for s in stats),
             "marks_echoed": sum(s.marks_echoed for s in stats),
             "clears": sum(s.clears for s in stats),
             "underruns": len(underruns),
+            "ramp_underruns": sum(s.ramp_underruns for s in stats),
             "underrun_max_ms": max(underruns, default=0.0),
             "jitter_p50_ms": p(jitter, 0.5),
             "jitter_p99_ms": p(jitter, 0.99),
@@ -392,11 +406,11 @@ class LoadGenerator:
 
 async def run_load(url: str, calls: int, duration_s: float, *, ramp_s: float, wav: Path,
                    speech_every_s: float, stats_dir: str | None,
-                   noise_dbfs: float | None = None) -> dict[str, object]:
+                   noise_dbfs: float | None = None, settle_s: float = 0.0) -> dict[str, object]:
     """Run the load. With `stats_dir`, mark the steady window for the bench server's workers
     (they reset their counters on `reset` and write their final numbers on `end`)."""
     payloads = script_payloads(wav, speech_every_s, noise_dbfs)
-    generator = LoadGenerator(url, calls, ramp_s=ramp_s, payloads=payloads)
+    generator = LoadGenerator(url, calls, ramp_s=ramp_s, payloads=payloads, settle_s=settle_s)
 
     def mark(name: str) -> None:
         if stats_dir:
@@ -417,7 +431,7 @@ async def run_load(url: str, calls: int, duration_s: float, *, ramp_s: float, wa
 async def _main(args: argparse.Namespace) -> dict[str, object]:
     return await run_load(args.url, args.calls, args.duration, ramp_s=args.ramp_s,
                           wav=Path(args.wav), speech_every_s=args.speech_every_s,
-                          noise_dbfs=args.noise_dbfs,
+                          noise_dbfs=args.noise_dbfs, settle_s=args.settle_s,
                           stats_dir=args.stats_dir)
 
 
@@ -427,6 +441,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--ramp-s", type=float, default=5.0)
+    parser.add_argument("--settle-s", type=float, default=4.0,
+                        help="after the ramp-up and before the window: the last calls' "
+                             "greetings (3.2 s of audio by default) play out")
     parser.add_argument("--wav", default=str(ROOT / "tests" / "fixtures" / "open_hours.wav"))
     parser.add_argument("--speech-every-s", type=float, default=8.0)
     parser.add_argument("--noise-dbfs", type=float, help="line hiss at this level (default: "

@@ -92,6 +92,7 @@ class EchoGuard:
         self.near_end = 0
         self._play_end = 0  # inbound-sample index where queued bot audio stops playing
         self._since_fit = 0
+        self._caller_talking = False  # the last refit found no echo in what the caller sent
         self._filter: np.ndarray | None = None
         self._lag = 0
         self.stats = EchoStats()
@@ -182,8 +183,11 @@ class EchoGuard:
         self._since_fit += n
         no_echo = self._filter is None and self._far_total - (self._play_end - start) > self.converge
         # Until the first fit, look at every frame (the first words of a reply); once the line
-        # has shown no echo, every `refit` is soon enough to notice one appearing.
-        if self._since_fit >= (self.refit if self._filter is not None or no_echo else n):
+        # has shown no echo, or the last look found the caller talking rather than an echo,
+        # every `refit` is soon enough to notice one appearing (each look is an FFT
+        # correlation: a caller talking over a greeting made one per frame).
+        if self._since_fit >= (self.refit if self._filter is not None or no_echo
+                               or self._caller_talking else n):
             self._since_fit = 0
             self._refit()
         return no_echo
@@ -283,6 +287,7 @@ class EchoGuard:
         return self._matrix(start, n) @ self._filter
 
     def _refit(self) -> None:
+        self._caller_talking = False
         end = self.near_end
         fit = min(self.fit, end)
         if fit < self.fit // 2:
@@ -297,6 +302,7 @@ class EchoGuard:
         lag, corr = _best_lag(near, ref, self.max_delay, self.early)
         self.stats.correlation = corr
         if corr < self.min_correlation:
+            self._caller_talking = True
             return  # the caller is talking (or the path changed): keep the last good fit
         previous = self._lag
         self._lag = lag

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline import echo_guard
 from pipeline.backchannel import (
     BargeInPolicy,
     BargeInTracker,
@@ -173,3 +174,39 @@ def test_the_guard_costs_nothing_while_the_bot_is_silent() -> None:
     guard = EchoGuard()
     frame = (np.random.default_rng(5).normal(0, 3000, 160)).astype(np.int16)
     assert guard.process(frame) is frame
+
+
+def test_a_caller_talking_over_the_first_words_is_looked_at_every_refit_not_every_frame(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the first fit the guard looks for the echo on every frame, so a reply's first
+    words are covered at once. A look that finds the caller talking (no correlation) waits a
+    refit period before the next one: each look is an FFT correlation, and a caller talking
+    over a greeting made one per frame (a third of the server's time while 100 calls an
+    instant connected, `bench/capacity_media.py --stalls`)."""
+    looks = []
+    real = echo_guard._best_lag
+    monkeypatch.setattr(echo_guard, "_best_lag", lambda *a: (looks.append(1), real(*a))[1])
+    bot = _speechlike(4.0, seed=3)
+    caller = _speechlike(1.2, seed=4)  # as loud as the bot: it passes the gate
+    near = np.zeros(bot.size, dtype=np.float32)
+    near[800:800 + caller.size] += caller  # 0.1–1.3 s: over the bot's first words
+    _, guard = _run_guard(near, bot)
+    frames = caller.size // 160
+    assert guard.stats.delay_ms is None
+    assert len(looks) <= frames // 5 + 3
+
+
+def test_an_echo_under_a_caller_who_spoke_first_is_still_found() -> None:
+    """Double talk from the bot's first word (a caller on a speakerphone saying "hello?"
+    over the greeting): once the caller stops, the echo is found within a refit or two and
+    cancelled as before."""
+    bot = _speechlike(4.0, seed=1)
+    delay = int(0.23 * 8000)
+    echo = np.concatenate([np.zeros(delay), bot])[: bot.size] * 10 ** (-15 / 20)
+    near = echo.astype(np.float32)
+    caller = _speechlike(0.8, seed=2)
+    near[400:400 + caller.size] += caller  # 0.05–0.85 s
+    out, guard = _run_guard(near, bot)
+    assert guard.stats.delay_ms is not None and abs(guard.stats.delay_ms - 230) < 5
+    after = slice(400 + caller.size + 8000 * 3 // 10, 20000)  # from 0.3 s after the caller
+    assert _db(out[after]) < _db(near[after]) - 25
