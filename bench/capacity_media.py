@@ -269,6 +269,7 @@ def summarize(n: int, outputs: list[dict], window: dict, final: dict) -> dict:  
         "closed_early": total["closed_early"],
         "replies": total["replies"],
         "cpu_s_per_worker": window.get("cpu_s_per_worker"),
+        "frames_per_worker": window.get("frames_per_worker"),  # ∝ calls per worker
         # Per worker: collections by generation ([count, longest ms]) in the window, and the
         # objects the cyclic collector tracks at its end (per generation).
         "gc_runs_per_worker": window.get("gc_runs_per_worker"),

@@ -195,6 +195,7 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         "loop_lag_max_ms": round(loops[-1] * 1000, 1) if loops else None,
         "active_calls": sum(s["active_calls"] for s in snapshots),
         "cpu_s_per_worker": sorted(round(s["cpu_s"], 2) for s in snapshots),
+        "frames_per_worker": sorted(s["frames"] for s in snapshots),
         "max_rss_mb": round(max((s["max_rss_mb"] for s in snapshots), default=0.0), 1),
         "gc_ms": round(1000 * sum(s.get("gc_s", 0.0) for s in snapshots), 1),
         "gc_max_ms": round(max((s.get("gc_max_ms", 0.0) for s in snapshots), default=0.0), 1),

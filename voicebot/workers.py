@@ -1,7 +1,8 @@
 """Running the server: one or N uvicorn worker processes, and draining them on SIGTERM.
 
-`voicebot serve --workers N` starts N processes that share one listening socket (the kernel
-spreads connections over them). Each worker builds its own app from the environment
+`voicebot serve --workers N` starts N processes, each listening on its own socket bound to the
+same address with SO_REUSEPORT, so the kernel spreads new connections evenly over them
+(`bind_sockets`). Each worker builds its own app from the environment
 (`create_app_from_env`); what calls share lives in Redis when `REDIS_URL` is set (admission
 leases, the live viewer feed, caller memory). Metrics from all workers are merged through
 `PROMETHEUS_MULTIPROC_DIR` (see `voicebot.metrics`).
@@ -116,7 +117,7 @@ class DrainingServer(uvicorn.Server):
 
 def _run_worker(config: uvicorn.Config, sockets: list[socket.socket], grace_s: float,
                 log_level: str) -> None:
-    """A worker process: its own logging, then the draining server on the shared socket."""
+    """A worker process: its own logging, then the draining server on its socket."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     try:
         DrainingServer(config, grace_s).run(sockets=sockets)
@@ -125,6 +126,48 @@ def _run_worker(config: uvicorn.Config, sockets: list[socket.socket], grace_s: f
     except Exception:
         log.exception("worker failed")  # the supervisor starts another
         sys.exit(1)
+
+
+def bind_sockets(config: uvicorn.Config, count: int) -> list[socket.socket]:
+    """The workers' listening sockets, one each.
+
+    On a TCP address with SO_REUSEPORT (Linux): `count` sockets bound to the same address,
+    and the kernel hands each new connection to one of them by a hash of the caller's address
+    and port, so every worker gets an even share of the calls. With one shared socket the
+    worker that woke first took the connection, and the busier of two workers ended up with
+    55 % of the calls (`bench/capacity_media.py --workers 2`: 223 of 400), the first to fall
+    behind. A worker that dies leaves its socket here, and the connections it is handed wait
+    in its backlog until its replacement starts. A Unix socket or an inherited descriptor is
+    shared, as uvicorn does it."""
+    if config.uds is not None or config.fd is not None or not hasattr(socket, "SO_REUSEPORT"):
+        return [config.bind_socket()] * count
+    host = config.host
+    family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
+    sockets: list[socket.socket] = []
+    port = config.port
+    for index in range(count):
+        sock = socket.socket(family=family)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            if index == 0 and port:
+                # Without SO_REUSEPORT first: a server already listening there (another
+                # voicebot included) makes this fail, instead of quietly sharing its calls.
+                sock.bind((host, port))
+                sock.close()
+                sock = socket.socket(family=family)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", host, port, exc)
+            for bound in [*sockets, sock]:
+                bound.close()
+            sys.exit(STARTUP_FAILURE)
+        port = sock.getsockname()[1]  # port 0: the others join the port the first one got
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    log.info("listening on %s:%d, one socket per worker (%d)", host, port, count)
+    return sockets
 
 
 class Supervisor:
@@ -152,10 +195,10 @@ class Supervisor:
         self._stop_signals.append(sig)
 
     def run(self) -> int:
-        sock = self.config.bind_socket()
+        sockets = bind_sockets(self.config, self.workers)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self._processes = [self._spawn(sock) for _ in range(self.workers)]
+        self._processes = [self._spawn(sock) for sock in sockets]
         forwarded = 0
         rc = 0
         restarts: list[float] = []
@@ -191,12 +234,13 @@ class Supervisor:
                     continue
                 log.warning("worker %d died (exit %s); starting another", process.pid,
                             process.exitcode)
-                self._processes[index] = self._spawn(sock)
+                self._processes[index] = self._spawn(sockets[index])
             if stopping and not any(p.is_alive() for p in self._processes):
                 break
         for process in self._processes:
             process.join(timeout=1)
-        sock.close()
+        for sock in set(sockets):
+            sock.close()
         log.info("all workers stopped")
         return rc
 
