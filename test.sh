@@ -4,7 +4,7 @@
 # Same setup as ./run.sh plus the `dev` extra; makes sure PostgreSQL (127.0.0.1:5432) and
 # Redis (127.0.0.1:6379) answer, installing and starting them when they do not (and stopping
 # at the end only the ones it started); installs Debian's chromium for the browser tests and
-# nginx for the two-servers deployment test.
+# nginx for the two-servers deployment test, and a C compiler for the capacity bench's C generator.
 # Then `ruff check .` and pytest (every test, slow ones included). Exits with pytest's code,
 # or 1 when pytest passed but ruff found problems.
 set -euo pipefail
@@ -25,6 +25,8 @@ if [[ ! -x "$VOICEBOT_CHROMIUM" ]]; then
 fi
 # The two-servers deployment test puts nginx (Debian's) in front of two `voicebot serve`s.
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || vb_apt_install nginx
+# The capacity bench's C load generator (bench/media_load.c) is built with the system compiler.
+command -v cc >/dev/null 2>&1 || vb_apt_install build-essential
 
 trap vb_services_stop EXIT
 trap 'exit 130' INT

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.capacity_server import merge  # noqa: E402
+from bench.media_load import script_payloads  # noqa: E402
 
 DEFAULT_STEPS = [10, 25, 50, 100, 200, 300, 500, 750, 1000]
 REPLY = "Sure, a table for two tonight. What time would you like?"
@@ -158,9 +159,21 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
                     *(["--noise-dbfs", str(args.noise_dbfs)] if args.noise_dbfs is not None else [])]
         generators = max(1, min(args.generators, n // 50 or 1))
         per = [n // generators + (1 if i < n % generators else 0) for i in range(generators)]
-        marks = ["--stats-dir", str(stats_dir)]
-        procs = [subprocess.Popen([*load_cmd, "--calls", str(k), *(marks if i == 0 else [])],
-                                  stdout=subprocess.PIPE, env=env) for i, k in enumerate(per)]
+        if args.generator == "c":
+            payload_file = stats_dir / "payloads.txt"
+            payload_file.write_text("\n".join(script_payloads(
+                ROOT / "tests" / "fixtures" / "open_hours.wav", args.speech_every_s,
+                args.noise_dbfs)) + "\n")
+            commands = [[str(c_generator()), "127.0.0.1", str(port), "/twilio/media", str(k),
+                         str(args.duration), str(max(3.0, n / 100)), str(args.settle_s),
+                         str(payload_file), str(stats_dir) if i == 0 else "-"]
+                        for i, k in enumerate(per)]
+        else:
+            marks = ["--stats-dir", str(stats_dir)]
+            commands = [[*load_cmd, "--calls", str(k), *(marks if i == 0 else [])]
+                        for i, k in enumerate(per)]
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, env=env)
+                 for command in commands]
         recorder = PerfRecorder(server.pid, stats_dir, build / f"perf-{n}.data", args.duration
                                 ) if args.perf else None
         outputs = [json.loads(p.communicate(timeout=args.duration + 120)[0]) for p in procs]
@@ -219,6 +232,16 @@ class PerfRecorder:
             if len(fields) == 2 and fields[0].endswith("%") and not line.startswith("#"):
                 shares[fields[1]] = float(fields[0].rstrip("%"))
         return shares
+
+
+def c_generator() -> Path:
+    """bench/media_load.c, built into build/ when missing or older than its source."""
+    source = ROOT / "bench" / "media_load.c"
+    binary = ROOT / "build" / "media_load_c"
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        binary.parent.mkdir(exist_ok=True)
+        subprocess.run(["cc", "-O2", "-o", str(binary), str(source), "-lm"], check=True)
+    return binary
 
 
 def read_snapshots(directory: Path, pattern: str) -> list[dict]:  # type: ignore[type-arg]
@@ -323,6 +346,9 @@ def main() -> None:
                              "scores every window); default digital silence between sentences")
     parser.add_argument("--vad", choices=["silero", "energy"], default="silero")
     parser.add_argument("--generators", type=int, default=1, help="load processes")
+    parser.add_argument("--generator", choices=("python", "c"), default="python",
+                        help="the load generator: bench/media_load.py, or bench/media_load.c "
+                             "(the same calls for a fraction of the CPU; built with cc)")
     parser.add_argument("--database-url", help="default: a fresh SQLite file per step")
     parser.add_argument("--no-db", action="store_true",
                         help="do not store calls (to see what the database writes cost)")
@@ -369,7 +395,8 @@ def main() -> None:
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.platform(),
               "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
               "vad": args.vad, "workers": args.workers, "store_calls": not args.no_db,
-              "window_s": args.duration, "settle_s": args.settle_s, "late_ms": args.late_ms,
+              "generator": args.generator, "window_s": args.duration, "settle_s": args.settle_s,
+              "late_ms": args.late_ms,
               "repeat": args.repeat, "largest_passing_n": best, "steps": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))

@@ -1,0 +1,35 @@
+"""bench/capacity_media.py end to end, small: both load generators drive real calls through the
+bench server, and the step's numbers come back (a smoke test of the tool, not a capacity
+figure)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generator", ["python", "c"])
+def test_a_small_step_runs_with_either_generator(generator: str, tmp_path: Path) -> None:
+    out = tmp_path / "capacity.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "capacity_media.py"), "--steps", "4",
+         "--duration", "8", "--settle-s", "1", "--wait-quiet-s", "0", "--generator", generator,
+         "--json", str(out)],
+        check=True, timeout=180, cwd=ROOT, stdout=subprocess.DEVNULL)
+    report = json.loads(out.read_text())
+    assert report["generator"] == generator and report["settle_s"] == 1
+    step = report["steps"][0]
+    assert step["connected"] == 4 and step["closed_early"] == 0 and step["dropped"] == 0
+    # Every call was greeted and answered: the caller's first whole utterance ends within 8 s
+    # of its start (5.3 s of silence, then 2.7 s of speech), and each call lives at least
+    # settle + duration = 9 s.
+    assert step["replies"] >= 8
+    assert step["window_s"] > 7 and step["cpu_ms_per_call_s"] > 0
+    assert step["frame_lag_p99_ms"] is not None and step["generator_cpu_s"] > 0
