@@ -343,6 +343,15 @@ static void on_readable(Call *c) {
     c->in_len -= pos;
 }
 
+/* Not connected: counted as a refusal (like the Python generator's connect failures). */
+static void connect_failed(Call *c) {
+    epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->state = CLOSED;
+    c->stopped = 1;
+    connect_failures++;
+}
+
 static void open_call(int index) {
     Call *c = &calls[index];
     c->in = malloc(IN_CAP);
@@ -355,16 +364,11 @@ static void open_call(int index) {
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
-        close(c->fd);
-        c->state = CLOSED;
-        c->stopped = 1;
-        connect_failures++;
-        return;
-    }
     c->state = CONNECTING;
     struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.ptr = c};
     epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev);
+    if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS)
+        connect_failed(c);
 }
 
 static void on_connected(Call *c) {
@@ -372,11 +376,7 @@ static void on_connected(Call *c) {
     socklen_t len = sizeof err;
     getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
     if (err) {
-        epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
-        close(c->fd);
-        c->state = CLOSED;
-        c->stopped = 1;
-        connect_failures++;
+        connect_failed(c);
         return;
     }
     c->state = UPGRADING;
