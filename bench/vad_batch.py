@@ -18,8 +18,12 @@ probability and state must be bit-identical), and times both per window:
     .venv/bin/python bench/vad_batch.py                      # table + bench/results/vad_batch.json
     .venv/bin/python bench/vad_batch.py --sizes 1 8 32 --repeats 5
 
-The call path does not use it yet: scoring across calls means holding each call's windows
-until the end of the event loop's tick (docs/ARCHITECTURE.md, "Capacity: what is left").
+The call path does not use it: the stock model, fed consecutive windows of one stream as
+rows, scores them as a sequence (bit for bit what one run each gives), and the listener gets
+its windows three or four at a time, so it scores a call's block in one run
+(`SileroVad.score_run`). That is timed here too: it saves about two thirds of what one run
+for 8 or more calls saves, without holding any window until the end of the event loop's tick
+(docs/ARCHITECTURE.md, "Capacity: what is left").
 """
 
 from __future__ import annotations
@@ -117,6 +121,23 @@ def time_per_window(model: object, batch: int, runs: int, repeats: int) -> float
     return best / batch * 1e6
 
 
+def time_run_of_windows(model: object, windows: int, runs: int, repeats: int) -> float:
+    """Best-of-`repeats` µs per window for runs of `windows` consecutive windows of one
+    stream through the stock model (what `SileroVad.score_run` does)."""
+    inputs = speech_windows(1, windows)[:, 0]
+    state = np.zeros((1, 1, 128), dtype=np.float32)
+    feed = {"input": inputs, "h": state, "c": state}
+    for _ in range(10):
+        model.run(None, feed)  # type: ignore[attr-defined]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(runs):
+            model.run(None, feed)  # type: ignore[attr-defined]
+        best = min(best, (time.perf_counter() - start) / runs)
+    return best / windows * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
@@ -141,11 +162,18 @@ def main() -> None:
         rows.append({"streams": size, "us_per_window": round(us, 1),
                      "vs_stock": round(us / stock_us, 3)})
         print(f"{size:>15} {us:>14.1f} {us / stock_us:>9.2f}")
+    print(f"{'one call, windows per run':>25} {'µs per window':>14} {'vs stock':>9}")
+    runs = []
+    for size in (1, 2, 3, 4, 6):
+        us = time_run_of_windows(stock, size, max(1, args.windows // size), args.repeats)
+        runs.append({"windows": size, "us_per_window": round(us, 1),
+                     "vs_stock": round(us / stock_us, 3)})
+        print(f"{size:>25} {us:>14.1f} {us / stock_us:>9.2f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(),
         "largest_difference": worst, "stock_us_per_window": round(stock_us, 1),
-        "batched": rows}, indent=2) + "\n")
+        "batched": rows, "one_call_run_of_windows": runs}, indent=2) + "\n")
     print(f"wrote {args.json}")
 
 
