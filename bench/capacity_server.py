@@ -273,8 +273,9 @@ def _stall_watch(directory: Path, stall_ms: float) -> None:
         stalled_ms = (time.monotonic() - STATS.beat) * 1000
         if stalled_ms < stall_ms:
             continue
+        # Seconds since the counters' last reset: the worker's start, then the window's.
         lines = [f"--- loop stalled {stalled_ms:.0f} ms, {time.monotonic() - STATS.t0:.3f} s "
-                 "into the window\n"]
+                 "after the last reset\n"]
         for ident, frame in sys._current_frames().items():
             if ident == threading.get_ident():
                 continue

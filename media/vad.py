@@ -154,9 +154,10 @@ class SileroVad:
 
         The v6 model runs the LSTM over its input rows as one sequence, carrying the state
         from row to row: n windows of one stream in one run give, bit for bit, what n runs
-        give (tests/media/test_vad.py), for less than half the per-window cost at n = 3. The
-        listener gets its windows three or four at a time (the resampler's blocks), so this
-        is how a caller's speech is scored. Gated windows split the run, as in `score`."""
+        give (tests/media/test_vad.py), at about three quarters of the per-window cost for
+        n = 3 (`bench/vad_batch.py`). The listener gets its windows three or four at a time
+        (the resampler's blocks), so this is how a caller's speech is scored. Gated windows
+        split the run, as in `score`."""
         count = len(windows)
         if count == 1:
             return [self.score(windows[0])]
