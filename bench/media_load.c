@@ -63,7 +63,7 @@ typedef struct {
 } Call;
 
 static Call *calls;
-static int n_calls, opened, epfd, in_window, connect_failures;
+static int n_calls, opened, epfd, in_window, window_over, connect_failures;
 static char **payloads;
 static int n_payloads;
 static double *jitter;
@@ -204,8 +204,8 @@ static void on_media(Call *c, double now, double duration) {
         c->chunk_in_reply = 1;
     } else {
         c->chunk_in_reply++;
-        if (!in_window) {
-            c->ramp_underruns += dry_for > 0.005;
+        if (!in_window) { /* the ramp-up: counted apart; after the window, not at all */
+            c->ramp_underruns += dry_for > 0.005 && !window_over;
         } else if (dry_for > 0.005) {
             c->underruns++;
             if (dry_for * 1000 > c->underrun_max_ms) c->underrun_max_ms = dry_for * 1000;
@@ -475,6 +475,7 @@ int main(int argc, char **argv) {
         if (now >= end) {
             window_end = now_s();
             in_window = 0;
+            window_over = 1;
             mark_file("end");
             break;
         }

@@ -261,7 +261,7 @@ class LoadCall(asyncio.Protocol):
         else:
             self._chunk_in_reply += 1
             if not self.gen.in_window:  # the ramp-up: counted apart, like the server's lag
-                stats.ramp_underruns += dry_for > 0.005
+                stats.ramp_underruns += dry_for > 0.005 and not self.gen.window_over
             elif dry_for > 0.005:
                 stats.underruns += 1
                 stats.underrun_ms.append(dry_for * 1000)
@@ -302,6 +302,7 @@ class LoadGenerator:
         self._grid0 = time.monotonic()
         self.window_end = 0.0
         self.in_window = False  # between the ramp-up and the end
+        self.window_over = False  # the calls are being stopped: nothing counts any more
 
     async def _open_call(self, index: int) -> None:
         loop = asyncio.get_running_loop()
@@ -348,6 +349,7 @@ class LoadGenerator:
             if now >= end:
                 self.window_end = time.monotonic()
                 self.in_window = False
+                self.window_over = True
                 if on_end is not None:
                     await on_end()  # type: ignore[operator]
                 break
