@@ -10,7 +10,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from bench.vad_batch import batched_model_bytes, check_exact, speech_windows
+from bench.vad_batch import (
+    batched_model_bytes,
+    check_exact,
+    check_grid_exact,
+    grid_model_bytes,
+    speech_windows,
+)
 from media.vad import SileroSession
 
 
@@ -22,6 +28,14 @@ def stock() -> object:
 def test_the_batched_model_matches_the_stock_model_stream_by_stream(stock: object) -> None:
     batched = SileroSession(batched_model_bytes()).session
     assert check_exact(stock, batched, streams=5, windows=30) == 0.0
+
+
+def test_the_grid_model_matches_the_stock_model_window_by_window(stock: object) -> None:
+    """Many calls × many windows in one run: window t of stream b, every state after each
+    run, bit for bit what the stock model gives one window at a time."""
+    grid = SileroSession(grid_model_bytes()).session
+    assert check_grid_exact(stock, grid, streams=4, steps=3, windows=24) == 0.0
+    assert check_grid_exact(stock, grid, streams=1, steps=4, windows=12) == 0.0
 
 
 def test_the_stock_model_runs_its_rows_as_one_sequence(stock: object) -> None:
@@ -45,3 +59,5 @@ def test_an_unknown_graph_is_refused(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(ValueError, match="not the Silero v6 graph"):
         batched_model_bytes(path)
+    with pytest.raises(ValueError, match="not the Silero v6 graph"):
+        grid_model_bytes(path)
