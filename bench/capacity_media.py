@@ -147,7 +147,8 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
            "BENCH_DATABASE_URL": database_url, "BENCH_VAD": args.vad,
            "BENCH_LATE_MS": str(args.late_ms), "BENCH_RECORD": "0" if args.no_db else "1",
            "BENCH_REPLY": REPLY, "BENCH_TRANSCRIPT": TRANSCRIPT,
-           "BENCH_STALL_MS": str(args.stalls or 0)}
+           "BENCH_STALL_MS": str(args.stalls or 0),
+           "BENCH_GC_THRESHOLD0": str(args.gc_threshold0 or "")}
     server = subprocess.Popen(server_cmd, cwd=build, env=env)
     try:
         wait_ready(port, server)
@@ -297,6 +298,9 @@ def summarize(n: int, outputs: list[dict], window: dict, final: dict) -> dict:  
         # objects the cyclic collector tracks at its end (per generation).
         "gc_runs_per_worker": window.get("gc_runs_per_worker"),
         "gc_tracked_per_worker": window.get("gc_tracked_per_worker"),
+        # Seconds each worker's event-loop thread waited for a CPU while it had work (the
+        # machine's other processes, the load generator included, had the cores).
+        "runqueue_wait_s_per_worker": window.get("runqueue_wait_s_per_worker"),
         "window_s": window_s,
     }
     result["ok"] = (total["frames_sent"] > 0 and dropped == 0 and late == 0 and total["underruns"] == 0
@@ -329,6 +333,9 @@ def main() -> None:
                         help="seconds between the ramp-up and the window, for the last calls' "
                              "greetings; what went late before the window is reported apart "
                              "(ramp_late_frames)")
+    parser.add_argument("--gc-threshold0", type=int, metavar="N",
+                        help="the workers' young-generation GC threshold (Python's is 700): "
+                             "to see what the collector's pauses cost")
     parser.add_argument("--stalls", type=float, metavar="MS",
                         help="when a worker's event loop has not come round for MS ms, write "
                              "every thread's stack to build/stalls-N-<pid>.stalls.txt")

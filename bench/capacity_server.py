@@ -11,7 +11,7 @@ socket can be measured together: a worker resets its counters when `reset` chang
 `<pid>.json` twice a second, and `<pid>.final.json` when `end` changes (the end of the
 window). Configured by environment (the factory `app_from_env` runs in each worker):
 BENCH_DIR, BENCH_DATABASE_URL, BENCH_VAD (silero|energy), BENCH_LATE_MS, BENCH_RECORD (0: do
-not store calls), BENCH_REPLY, BENCH_TRANSCRIPT.
+not store calls), BENCH_REPLY, BENCH_TRANSCRIPT, BENCH_STALL_MS, BENCH_GC_THRESHOLD0.
 """
 
 from __future__ import annotations
@@ -76,6 +76,15 @@ class InstantLlm:
         return self.reply
 
 
+def _runqueue_wait_s() -> float:
+    """Seconds the calling thread (the event loop's) has waited for a CPU while runnable
+    (`/proc/thread-self/schedstat`; 0 where there is none)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class BenchStats:
     """This worker's counters for the window: frame lag histogram, work time, loop lag, CPU."""
 
@@ -102,6 +111,7 @@ class BenchStats:
         self.gc_runs: dict[str, list[float]] = {}  # generation → [collections, longest ms]
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu0 = usage.ru_utime + usage.ru_stime
+        self.wait0 = _runqueue_wait_s()
         self.t0 = time.monotonic()
 
     def observe(self, lag_s: float, work_s: float) -> None:
@@ -141,6 +151,7 @@ class BenchStats:
             "gc_s": self.gc_s,
             "gc_max_ms": self.gc_max * 1000,
             "gc_runs": self.gc_runs,
+            "runqueue_wait_s": _runqueue_wait_s() - self.wait0,
             "gc_tracked": [len(gc.get_objects(g)) for g in range(3)] if final else None,
         }
 
@@ -200,12 +211,16 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         "gc_ms": round(1000 * sum(s.get("gc_s", 0.0) for s in snapshots), 1),
         "gc_max_ms": round(max((s.get("gc_max_ms", 0.0) for s in snapshots), default=0.0), 1),
         "gc_runs_per_worker": [s.get("gc_runs") for s in snapshots],
+        "runqueue_wait_s_per_worker": [round(s.get("runqueue_wait_s", 0.0), 2)
+                                       for s in snapshots],
         "gc_tracked_per_worker": [s.get("gc_tracked") for s in snapshots],
     }
 
 
 STATS = BenchStats(float(os.environ.get("BENCH_LATE_MS", "60")))
 gc.callbacks.append(STATS.on_gc)
+if os.environ.get("BENCH_GC_THRESHOLD0"):  # capacity_media.py --gc-threshold0
+    gc.set_threshold(int(os.environ["BENCH_GC_THRESHOLD0"]), *gc.get_threshold()[1:])
 
 
 class InstrumentedStream(TwilioStream):
