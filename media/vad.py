@@ -105,9 +105,10 @@ class SileroVad:
         self._prob = np.zeros(1, dtype=np.float32)
         self._hn = np.zeros_like(self._h)
         self._cn = np.zeros_like(self._c)
-        self._binding = self._bind(self._input, self._prob)
-        # Runs of 2 or more windows: their own input and output arrays, bound on first use.
-        self._runs: dict[int, tuple[np.ndarray, np.ndarray, object]] = {}
+        # The model's input and output arrays by run length, each with its I/O binding: one
+        # window in `_input` itself, longer runs in their own arrays, bound on first use.
+        self._runs: dict[int, tuple[np.ndarray, np.ndarray, object]] = {
+            1: (self._input, self._prob, self._bind(self._input, self._prob))}
         self.reset()
 
     def _bind(self, rows: np.ndarray, probs: np.ndarray) -> object:
@@ -135,19 +136,10 @@ class SileroVad:
             self._settled = True
 
     def score(self, window: np.ndarray) -> float:
-        # Keep the context current even for gated windows, so the next scored window sees
-        # the audio that really preceded it.
-        gated = dbfs(window) < self._gate_dbfs
-        self._input[0, :CONTEXT] = self._input[0, -CONTEXT:]
-        self._input[0, CONTEXT:] = window
-        if gated:
-            self._silence()
+        if dbfs(window) < self._gate_dbfs:
+            self._skip(window)
             return 0.0
-        self._session.run_with_iobinding(self._binding)
-        self._settled = False
-        np.copyto(self._h, self._hn)
-        np.copyto(self._c, self._cn)
-        return float(self._prob[0])
+        return self._run(window[None])[0]
 
     def score_run(self, windows: np.ndarray) -> list[float]:
         """Consecutive windows (n × 512) in as few model runs as the gate allows.
@@ -159,8 +151,6 @@ class SileroVad:
         (the resampler's blocks), so this is how a caller's speech is scored. Gated windows
         split the run, as in `score`."""
         count = len(windows)
-        if count == 1:
-            return [self.score(windows[0])]
         gate = self._gate_dbfs
         probs = [0.0] * count
         start = 0
@@ -168,38 +158,40 @@ class SileroVad:
             if index < count and dbfs(windows[index]) >= gate:
                 continue  # voiced: joins the run
             if index > start:  # the run [start, index) goes to the model at once
-                self._run(windows[start:index], probs, start)
-            if index < count:  # a gated window: context kept, state back to silence
-                self._input[0, :CONTEXT] = self._input[0, -CONTEXT:]
-                self._input[0, CONTEXT:] = windows[index]
-                self._silence()
+                probs[start:index] = self._run(windows[start:index])
+            if index < count:
+                self._skip(windows[index])
             start = index + 1
         return probs
 
-    def _run(self, windows: np.ndarray, probs: list[float], at: int) -> None:
-        """Score consecutive ungated windows in one model run into `probs[at:]`."""
+    def _skip(self, window: np.ndarray) -> None:
+        """A gated window: not scored, the state back to silence. The context is kept
+        current all the same, so the next scored window sees the audio that really
+        preceded it."""
+        self._input[0, :CONTEXT] = self._input[0, -CONTEXT:]
+        self._input[0, CONTEXT:] = window
+        self._silence()
+
+    def _run(self, windows: np.ndarray) -> list[float]:
+        """Consecutive ungated windows (n × 512) in one model run: their probabilities."""
         n = len(windows)
-        if n == 1:
-            self._input[0, :CONTEXT] = self._input[0, -CONTEXT:]
-            self._input[0, CONTEXT:] = windows[0]
-            self._session.run_with_iobinding(self._binding)
-            out = self._prob
-        else:
-            run = self._runs.get(n)
-            if run is None:
-                rows = np.zeros((n, CONTEXT + WINDOW), dtype=np.float32)
-                out = np.zeros(n, dtype=np.float32)
-                run = self._runs[n] = (rows, out, self._bind(rows, out))
-            rows, out, binding = run
-            rows[0, :CONTEXT] = self._input[0, -CONTEXT:]
+        run = self._runs.get(n)
+        if run is None:
+            rows = np.zeros((n, CONTEXT + WINDOW), dtype=np.float32)
+            out = np.zeros(n, dtype=np.float32)
+            run = self._runs[n] = (rows, out, self._bind(rows, out))
+        rows, out, binding = run
+        rows[0, :CONTEXT] = self._input[0, -CONTEXT:]
+        if n > 1:  # each later row's context is the end of the window before it
             rows[1:, :CONTEXT] = windows[:-1, -CONTEXT:]
-            rows[:, CONTEXT:] = windows
-            self._session.run_with_iobinding(binding)
-            self._input[0, CONTEXT:] = windows[-1]  # the context for what comes next
+        rows[:, CONTEXT:] = windows
+        self._session.run_with_iobinding(binding)
+        if n > 1:  # one window is scored in `_input` itself; after more, it takes the last
+            self._input[0, CONTEXT:] = windows[-1]
         self._settled = False
         np.copyto(self._h, self._hn)
         np.copyto(self._c, self._cn)
-        probs[at:at + n] = out.tolist()
+        return out.tolist()  # type: ignore[no-any-return]
 
 
 class EnergyVad:

@@ -4,7 +4,7 @@ import pytest
 from media.audiofile import read_wav
 from media.mulaw import pcm16_to_ulaw, ulaw_to_pcm16
 from media.resample import resample
-from media.vad import WINDOW, SileroSession, SileroVad, dbfs
+from media.vad import CONTEXT, WINDOW, SileroSession, SileroVad, dbfs
 
 
 @pytest.fixture(scope="module")
@@ -39,25 +39,53 @@ def test_a_noise_burst_is_not_sustained_speech(session: SileroSession, fixtures_
     assert sum(p > 0.5 for p in probs) <= 3
 
 
-def test_a_run_of_windows_scores_exactly_as_one_by_one(session: SileroSession,
-                                                       fixtures_dir) -> None:
-    """`score_run` (one model run for consecutive windows) against `score` window by window:
-    bit for bit, with runs of every length the listener makes, gated windows inside a run
-    (state back to silence, context kept) and resets between runs."""
+class _OneRunPerWindow:
+    """What `SileroVad` promises, straight on the model, one run per window: each window with
+    the 64 samples before it as context (zeros after a reset), the LSTM state carried from
+    run to run; a gated window scores 0 and puts the state back to the settled silence."""
+
+    def __init__(self, session: SileroSession, gate_dbfs: float = -50.0) -> None:
+        self._session = session
+        self._gate = gate_dbfs
+        self.reset()
+
+    def reset(self) -> None:
+        self._h, self._c = (state.copy() for state in self._session.silence_state)
+        self._context = np.zeros(CONTEXT, dtype=np.float32)
+
+    def score(self, window: np.ndarray) -> float:
+        row = np.concatenate((self._context, window))[None]
+        self._context = window[-CONTEXT:].copy()
+        if dbfs(window) < self._gate:
+            self._h, self._c = (state.copy() for state in self._session.silence_state)
+            return 0.0
+        prob, self._h, self._c = self._session.session.run(  # type: ignore[attr-defined]
+            None, {"input": row, "h": self._h, "c": self._c})
+        return float(prob.ravel()[0])
+
+
+def test_a_run_of_windows_scores_exactly_as_one_run_per_window(session: SileroSession,
+                                                               fixtures_dir) -> None:
+    """`score_run` (one model run for consecutive windows) and `score` against the model run
+    once per window: bit for bit, with runs of every length the listener makes, gated windows
+    inside a run (state back to silence, context kept) and resets between runs."""
     words = _windows(str(fixtures_dir / "one_two_three.wav"))
     quiet = np.full(WINDOW, 1e-4, dtype=np.float32)
     stream = [*words[:20], quiet, *words[20:31], quiet, quiet, *words[31:]]
     sizes = [1, 3, 4, 2, 5, 3, 4, 3, 1, 4]
-    one, many = SileroVad(session), SileroVad(session)
-    expected, got, at, turn = [], [], 0, 0
+    reference, one, many = _OneRunPerWindow(session), SileroVad(session), SileroVad(session)
+    expected, single, got, at, turn = [], [], [], 0, 0
     while at < len(stream):
         block = stream[at:at + sizes[turn % len(sizes)]]
-        expected += [one.score(w) for w in block]
+        expected += [reference.score(w) for w in block]
+        single += [one.score(w) for w in block]
         got += many.score_run(np.stack(block))
         at += len(block)
         turn += 1
-        if turn % 7 == 0:  # an utterance ended: both start over
+        if turn % 7 == 0:  # an utterance ended: all start over
+            reference.reset()
             one.reset()
             many.reset()
+    assert single == expected
     assert got == expected
     assert sum(p > 0.5 for p in got) >= 15 and got[20] == 0.0
