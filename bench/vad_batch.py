@@ -164,11 +164,16 @@ def check_grid_exact(stock: object, grid: object, streams: int = 5, steps: int =
     return worst
 
 
-def _best_us_per_window(model: object, rows: np.ndarray, streams: int, runs: int,
-                        repeats: int) -> float:
-    """Best-of-`repeats` µs per window for `runs` runs of `rows` with `streams` states."""
+def time_us_per_window(model: object, streams: int, steps: int, windows: int,
+                       repeats: int) -> float:
+    """Best-of-`repeats` µs per window for runs of `steps` consecutive windows of each of
+    `streams` streams, about `windows` windows timed in all. Rows go time-major, as the grid
+    model takes them: with one step that is the batched model's layout, with one stream a
+    call's run of windows through the stock model (what `SileroVad.score_run` does)."""
+    rows = speech_windows(streams, steps).reshape(steps * streams, CONTEXT + WINDOW).copy()
     state = np.zeros((1, streams, 128), dtype=np.float32)
     feed = {"input": rows, "h": state, "c": state}
+    runs = max(1, windows // len(rows))
     for _ in range(10):
         model.run(None, feed)  # type: ignore[attr-defined]
     best = float("inf")
@@ -178,23 +183,6 @@ def _best_us_per_window(model: object, rows: np.ndarray, streams: int, runs: int
             model.run(None, feed)  # type: ignore[attr-defined]
         best = min(best, (time.perf_counter() - start) / runs)
     return best / len(rows) * 1e6
-
-
-def time_grid(model: object, streams: int, steps: int, runs: int, repeats: int) -> float:
-    """Runs of `steps` windows of `streams` streams through the grid model."""
-    rows = speech_windows(streams, steps).reshape(steps * streams, CONTEXT + WINDOW).copy()
-    return _best_us_per_window(model, rows, streams, runs, repeats)
-
-
-def time_per_window(model: object, batch: int, runs: int, repeats: int) -> float:
-    """Runs of one window for each of `batch` streams (the batched model; 1: the stock)."""
-    return _best_us_per_window(model, speech_windows(batch, 1)[0], batch, runs, repeats)
-
-
-def time_run_of_windows(model: object, windows: int, runs: int, repeats: int) -> float:
-    """Runs of `windows` consecutive windows of one stream through the stock model (what
-    `SileroVad.score_run` does)."""
-    return _best_us_per_window(model, speech_windows(1, windows)[:, 0].copy(), 1, runs, repeats)
 
 
 def main() -> None:
@@ -212,19 +200,19 @@ def main() -> None:
     print(f"batched against stock, 7 streams × 40 windows of speech: largest difference {worst}")
     if worst != 0.0:
         raise SystemExit("the batched model does not match the stock model")
-    stock_us = time_per_window(stock, 1, args.windows, args.repeats)
+    stock_us = time_us_per_window(stock, 1, 1, args.windows, args.repeats)
     print(f"stock model, one window per run: {stock_us:.1f} µs per window")
     print(f"{'streams per run':>15} {'µs per window':>14} {'vs stock':>9}")
     rows = []
     for size in args.sizes:
-        us = time_per_window(batched, size, max(1, args.windows // size), args.repeats)
+        us = time_us_per_window(batched, size, 1, args.windows, args.repeats)
         rows.append({"streams": size, "us_per_window": round(us, 1),
                      "vs_stock": round(us / stock_us, 3)})
         print(f"{size:>15} {us:>14.1f} {us / stock_us:>9.2f}")
     print(f"{'one call, windows per run':>25} {'µs per window':>14} {'vs stock':>9}")
     runs = []
     for size in (1, 2, 3, 4, 6):
-        us = time_run_of_windows(stock, size, max(1, args.windows // size), args.repeats)
+        us = time_us_per_window(stock, 1, size, args.windows, args.repeats)
         runs.append({"windows": size, "us_per_window": round(us, 1),
                      "vs_stock": round(us / stock_us, 3)})
         print(f"{size:>25} {us:>14.1f} {us / stock_us:>9.2f}")
@@ -237,8 +225,7 @@ def main() -> None:
     grid_rows = []
     for streams in (8, 32, 64):
         for steps in (1, 3, 4):
-            us = time_grid(grid, streams, steps, max(1, args.windows // (streams * steps)),
-                           args.repeats)
+            us = time_us_per_window(grid, streams, steps, args.windows, args.repeats)
             grid_rows.append({"streams": streams, "windows": steps,
                               "us_per_window": round(us, 1), "vs_stock": round(us / stock_us, 3)})
             print(f"{streams:>6} {steps:>13} {us:>14.1f} {us / stock_us:>9.2f}")
