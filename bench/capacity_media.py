@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.capacity_server import merge  # noqa: E402
-from bench.media_load import script_payloads  # noqa: E402
+from bench.media_load import CALLER_WAV, script_payloads  # noqa: E402
 
 DEFAULT_STEPS = [10, 25, 50, 100, 200, 300, 500, 750, 1000]
 REPLY = "Sure, a table for two tonight. What time would you like?"
@@ -163,8 +163,7 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
         if args.generator == "c":
             payload_file = stats_dir / "payloads.txt"
             payload_file.write_text("\n".join(script_payloads(
-                ROOT / "tests" / "fixtures" / "open_hours.wav", args.speech_every_s,
-                args.noise_dbfs)) + "\n")
+                CALLER_WAV, args.speech_every_s, args.noise_dbfs)) + "\n")
             commands = [[str(c_generator()), "127.0.0.1", str(port), "/twilio/media", str(k),
                          str(args.duration), str(max(3.0, n / 100)), str(args.settle_s),
                          str(payload_file), str(stats_dir) if i == 0 else "-"]

@@ -91,12 +91,14 @@ class BenchStats:
     def __init__(self, late_ms: float) -> None:
         self.late_ms = late_ms
         self.frames_total = 0
+        self.late = 0
+        self.lag_max = 0.0
         self.reset()
 
     def reset(self) -> None:
         # What went late before the window (the ramp-up), kept apart.
-        self.before_late = getattr(self, "late", 0)
-        self.before_lag_max = getattr(self, "lag_max", 0.0)
+        self.before_late = self.late
+        self.before_lag_max = self.lag_max
         self.hist = [0] * (MAX_MS * BUCKETS_PER_MS + 1)
         self.frames = 0
         self.late = 0

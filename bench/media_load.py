@@ -36,6 +36,7 @@ FRAME_S = 0.020
 PHASES = 5
 MASK = b"\x00\x00\x00\x00"
 REPLY_GAP_S = 0.5  # media arriving this long after the buffer ran dry starts a new reply
+CALLER_WAV = ROOT / "tests" / "fixtures" / "open_hours.wav"  # what every caller says
 
 
 def script_payloads(wav: Path, speech_every_s: float,
@@ -261,7 +262,7 @@ class LoadCall(asyncio.Protocol):
         else:
             self._chunk_in_reply += 1
             if not self.gen.in_window:  # the ramp-up: counted apart, like the server's lag
-                stats.ramp_underruns += dry_for > 0.005 and not self.gen.window_over
+                stats.ramp_underruns += dry_for > 0.005 and not self.gen.window_end
             elif dry_for > 0.005:
                 stats.underruns += 1
                 stats.underrun_ms.append(dry_for * 1000)
@@ -300,9 +301,8 @@ class LoadGenerator:
         self._phases: list[list[LoadCall]] = [[] for _ in range(PHASES)]
         self.connect_failures = 0
         self._grid0 = time.monotonic()
-        self.window_end = 0.0
+        self.window_end = 0.0  # set when the calls are being stopped: nothing counts after
         self.in_window = False  # between the ramp-up and the end
-        self.window_over = False  # the calls are being stopped: nothing counts any more
 
     async def _open_call(self, index: int) -> None:
         loop = asyncio.get_running_loop()
@@ -349,7 +349,6 @@ class LoadGenerator:
             if now >= end:
                 self.window_end = time.monotonic()
                 self.in_window = False
-                self.window_over = True
                 if on_end is not None:
                     await on_end()  # type: ignore[operator]
                 break
@@ -446,7 +445,7 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=4.0,
                         help="after the ramp-up and before the window: the last calls' "
                              "greetings (3.2 s of audio by default) play out")
-    parser.add_argument("--wav", default=str(ROOT / "tests" / "fixtures" / "open_hours.wav"))
+    parser.add_argument("--wav", default=str(CALLER_WAV))
     parser.add_argument("--speech-every-s", type=float, default=8.0)
     parser.add_argument("--noise-dbfs", type=float, help="line hiss at this level (default: "
                         "digital silence between the sentences)")
