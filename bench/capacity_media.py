@@ -152,9 +152,10 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
     server = subprocess.Popen(server_cmd, cwd=build, env=env)
     try:
         wait_ready(port, server)
+        ramp_s = max(3.0, n / 100)  # calls connect at 100 a second (3 s at least)
         load_cmd = [sys.executable, str(ROOT / "bench" / "media_load.py"),
                     "--url", f"ws://127.0.0.1:{port}/twilio/media",
-                    "--duration", str(args.duration), "--ramp-s", str(max(3.0, n / 100)),
+                    "--duration", str(args.duration), "--ramp-s", str(ramp_s),
                     "--settle-s", str(args.settle_s),
                     "--speech-every-s", str(args.speech_every_s),
                     *(["--noise-dbfs", str(args.noise_dbfs)] if args.noise_dbfs is not None else [])]
@@ -165,7 +166,7 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
             payload_file.write_text("\n".join(script_payloads(
                 CALLER_WAV, args.speech_every_s, args.noise_dbfs)) + "\n")
             commands = [[str(c_generator()), "127.0.0.1", str(port), "/twilio/media", str(k),
-                         str(args.duration), str(max(3.0, n / 100)), str(args.settle_s),
+                         str(args.duration), str(ramp_s), str(args.settle_s),
                          str(payload_file), str(stats_dir) if i == 0 else "-"]
                         for i, k in enumerate(per)]
         else:

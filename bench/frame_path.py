@@ -1,9 +1,11 @@
 """The media path's own cost per inbound frame, in-process: no sockets, no event loop.
 
 N calls, each a real `TwilioStream` on a real `Conversation` (Silero VAD, echo guard,
-turn-taking), are fed Twilio `media` messages as their text, the capacity benchmark's caller
-(`bench/media_load.py`): silence, then a 2.7 s utterance (the fixture "one two three"), every
-8 s, each call at its own place in that cycle. The frames of all calls are interleaved as the server sees them, so with many calls
+turn-taking), are fed Twilio `media` messages as their text, scripted as the capacity
+benchmark's callers are (`bench/media_load.py`'s `script_payloads`): silence, then an
+utterance, every 8 s, each call at its own place in that cycle. The utterance is the fixture
+"one two three" (2.7 s), where the capacity benchmark's callers say "open hours" (3.3 s):
+kept so that the figures stay comparable from session to session. The frames of all calls are interleaved as the server sees them, so with many calls
 each frame finds its call's state out of the CPU's caches. What is timed is
 `TwilioStream._take` (parse, dispatch, `Conversation.hear`), the synchronous part of a
 frame; the turn-taking actions it returns are not carried out, so no reply is spoken.
@@ -56,7 +58,7 @@ class _Sink:
 
 
 def make_calls(calls: int, silero: SileroSession) -> list[tuple[TwilioStream, list[str]]]:
-    cycle = script_payloads(FIXTURE, CYCLE_S)  # the capacity benchmark's caller, as base64
+    cycle = script_payloads(FIXTURE, CYCLE_S)  # the capacity benchmark's script, as base64
     engines = Engines(stt=FixedStt("hello"), llm=InstantLlm("Okay."), tts=ToneTts(),  # type: ignore[arg-type]
                       vad=lambda: SileroVad(silero), stt_limiter=anyio.CapacityLimiter(1),
                       turn_model=None)

@@ -28,7 +28,7 @@ def test_a_small_step_runs_with_either_generator(generator: str, tmp_path: Path)
     step = report["steps"][0]
     assert step["connected"] == 4 and step["closed_early"] == 0 and step["dropped"] == 0
     # Every call was greeted and answered: the caller's first whole utterance ends within 8 s
-    # of its start (5.3 s of silence, then 2.7 s of speech), and each call lives at least
+    # of its start (4.7 s of silence, then the 3.3 s of `media_load.CALLER_WAV`), and each call lives at least
     # settle + duration = 9 s.
     assert step["replies"] >= 8
     assert step["window_s"] > 7 and step["cpu_ms_per_call_s"] > 0

@@ -145,29 +145,38 @@ def bind_sockets(config: uvicorn.Config, count: int) -> list[socket.socket]:
     family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
     sockets: list[socket.socket] = []
     port = config.port
-    for index in range(count):
-        sock = socket.socket(family=family)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            if index == 0 and port:
-                # Without SO_REUSEPORT first: a server already listening there (another
-                # voicebot included) makes this fail, instead of quietly sharing its calls.
-                sock.bind((host, port))
-                sock.close()
-                sock = socket.socket(family=family)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-        except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", host, port, exc)
-            for bound in [*sockets, sock]:
-                bound.close()
-            sys.exit(STARTUP_FAILURE)
-        port = sock.getsockname()[1]  # port 0: the others join the port the first one got
-        sock.set_inheritable(True)
-        sockets.append(sock)
+    try:
+        if port:
+            # Without SO_REUSEPORT first: a server already listening there (another voicebot
+            # included) makes this fail, instead of quietly sharing its calls.
+            _bound(family, host, port, reuse_port=False).close()
+        for _ in range(count):
+            sockets.append(_bound(family, host, port, reuse_port=True))
+            port = sockets[0].getsockname()[1]  # port 0: the others join the first one's
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc)
+        for sock in sockets:
+            sock.close()
+        sys.exit(STARTUP_FAILURE)
     log.info("listening on %s:%d, one socket per worker (%d)", host, port, count)
     return sockets
+
+
+def _bound(family: socket.AddressFamily, host: str, port: int, *,
+           reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to (host, port), inheritable by the workers; closed if it cannot
+    bind."""
+    sock = socket.socket(family=family)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 class Supervisor:
