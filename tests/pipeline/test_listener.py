@@ -23,7 +23,11 @@ def session() -> SileroSession:
 
 def run(listener: Listener, path, trailing_ms: int = 1500) -> list:
     pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(path, 8000)))
-    pcm = np.concatenate([pcm, np.zeros(8 * trailing_ms, dtype=np.int16)])
+    return feed(listener, np.concatenate([pcm, np.zeros(8 * trailing_ms, dtype=np.int16)]))
+
+
+def feed(listener: Listener, pcm: np.ndarray) -> list:
+    """The line's 20 ms frames, in order; every event they caused."""
     events = []
     for i in range(0, len(pcm) - 159, 160):
         # A fake clock at audio time: endpointing must count audio, not wall time.
@@ -91,14 +95,8 @@ def test_windows_scored_by_block_give_the_events_of_one_by_one(session, fixtures
     line = np.concatenate([pcm, pcm, np.zeros(8 * 1500)])
     line = np.clip(line + np.resize(hiss, line.size), -32768, 32767).astype(np.int16)
     config = EndpointConfig(silence_ms=250, speculative_ms=120)
-    outcomes = []
-    for vad in (SileroVad(session), OneByOne(SileroVad(session))):
-        listener = Listener(vad, config)  # type: ignore[arg-type]
-        events = []
-        for i in range(0, len(line) - 159, 160):
-            events += listener.feed(line[i : i + 160], now=i / 8000)
-        outcomes.append(events)
-    block, single = outcomes
+    block, single = (feed(Listener(vad, config), line)  # type: ignore[arg-type]
+                     for vad in (SileroVad(session), OneByOne(SileroVad(session))))
     assert sum(isinstance(e, SpeechEnded) for e in single) >= 4
     assert [type(e) for e in block] == [type(e) for e in single]
     for a, b in zip(block, single, strict=True):
@@ -134,8 +132,5 @@ def test_windows_after_an_end_inside_a_block_are_scored_after_the_reset() -> Non
     listener = Listener(Scripted(), EndpointConfig(silence_ms=160, speculative_ms=0))  # type: ignore[arg-type]
     frames = 300 * 512 // 320 + 1  # 8 kHz frames for 300 windows at 16 kHz, plus the filter
     tone = (3000 * np.sin(np.arange(160 * frames) * 0.3)).astype(np.int16)
-    events = []
-    for i in range(frames):
-        events += listener.feed(tone[i * 160:(i + 1) * 160], now=i * 0.02)
-    ended = [e for e in events if isinstance(e, SpeechEnded)]
+    ended = [e for e in feed(listener, tone) if isinstance(e, SpeechEnded)]
     assert len(ended) == 19 and all(e.voiced_ms == 10 * 32 for e in ended)
