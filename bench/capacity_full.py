@@ -64,7 +64,7 @@ def cpu_seconds(pid: int) -> float:
 def spawn_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": f"sqlite:///{workdir}/calls.db",
            "DB_SPOOL_DIR": str(workdir / "spool"), "MAX_CONCURRENT_CALLS": "1000",
-           "SHED_QUEUE_DEPTH": "0", "MAX_CALLS_PER_ADDRESS": "1000", "LOG_LEVEL": "WARNING"}
+           "SHED_QUEUE_DEPTH": "0", "SHED_LOOP_BUSY": "0", "MAX_CALLS_PER_ADDRESS": "1000", "LOG_LEVEL": "WARNING"}
     # The embedded stack, whatever this shell points the server at.
     for key in ("REDIS_URL", "TWILIO_AUTH_TOKEN", "PUBLIC_URL", "LLM_PROVIDER", "LLM_BASE_URL",
                 "LLM_API_KEY", "LLM_MODEL", "STT_PROVIDER", "STT_BASE_URL", "STT_MODEL",

@@ -25,6 +25,11 @@ to bench/results/capacity_media.json.
     .venv/bin/python bench/capacity_media.py --steps 50 100 --duration 20
     .venv/bin/python bench/capacity_media.py --noise-dbfs -45      # hiss: the VAD scores all
     .venv/bin/python bench/capacity_media.py --speech-every-s 0    # silence: no turns at all
+
+With `--shed-loop-busy SHARE` the workers shed new calls as `SHED_LOOP_BUSY` makes them (off by
+default here, so that a step measures what the server carries): refused calls count against
+the step (`connected` < N), and CPU per call-second is over the calls taken. `--ramp-per-s`
+sets how fast calls connect before the window (100 a second by default).
 """
 
 from __future__ import annotations
@@ -148,11 +153,12 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
            "BENCH_LATE_MS": str(args.late_ms), "BENCH_RECORD": "0" if args.no_db else "1",
            "BENCH_REPLY": REPLY, "BENCH_TRANSCRIPT": TRANSCRIPT,
            "BENCH_STALL_MS": str(args.stalls or 0),
-           "BENCH_GC_THRESHOLD0": str(args.gc_threshold0 or "")}
+           "BENCH_GC_THRESHOLD0": str(args.gc_threshold0 or ""),
+           "BENCH_SHED_LOOP_BUSY": str(args.shed_loop_busy or 0)}
     server = subprocess.Popen(server_cmd, cwd=build, env=env)
     try:
         wait_ready(port, server)
-        ramp_s = max(3.0, n / 100)  # calls connect at 100 a second (3 s at least)
+        ramp_s = max(3.0, n / args.ramp_per_s)  # calls connect at 100 a second (3 s at least)
         load_cmd = [sys.executable, str(ROOT / "bench" / "media_load.py"),
                     "--url", f"ws://127.0.0.1:{port}/twilio/media",
                     "--duration", str(args.duration), "--ramp-s", str(ramp_s),
@@ -257,12 +263,13 @@ def summarize(n: int, outputs: list[dict], window: dict, final: dict) -> dict:  
     window_s = float(window.get("window_s") or outputs[0]["window_s"] or 1.0)
     if not window.get("workers"):
         raise RuntimeError("the bench server wrote no numbers for the window")
-    audio_s = n * window_s
+    connected = total["calls"] - total["refused"]
+    audio_s = max(1, connected) * window_s  # the calls the server took (--shed-loop-busy)
     dropped = total["frames_sent"] - int(final["frames_total"])
     late = int(window["late_frames"])
     result = {
         "calls": n,
-        "connected": total["calls"] - total["refused"],
+        "connected": connected,
         "cpu_ms_per_call_s": round(float(window["cpu_s"]) * 1000 / audio_s, 2),
         "server_cpu_pct": round(100 * float(window["cpu_s"]) / window_s, 1),
         "frame_lag_p50_ms": window["lag_p50_ms"],
@@ -301,6 +308,7 @@ def summarize(n: int, outputs: list[dict], window: dict, final: dict) -> dict:  
         # Seconds each worker's event-loop thread waited for a CPU while it had work (the
         # machine's other processes, the load generator included, had the cores).
         "runqueue_wait_s_per_worker": window.get("runqueue_wait_s_per_worker"),
+        "loop_busy_p50_max_per_worker": window.get("loop_busy_p50_max_per_worker"),
         "window_s": window_s,
     }
     result["ok"] = (total["frames_sent"] > 0 and dropped == 0 and late == 0 and total["underruns"] == 0
@@ -308,7 +316,7 @@ def summarize(n: int, outputs: list[dict], window: dict, final: dict) -> dict:  
     return result
 
 
-COLUMNS = [("calls", "N", 5), ("cpu_ms_per_call_s", "cpu ms/s", 9),
+COLUMNS = [("calls", "N", 5), ("connected", "took", 5), ("cpu_ms_per_call_s", "cpu ms/s", 9),
            ("server_cpu_pct", "cpu %", 6), ("frame_lag_p99_ms", "lag p99", 8),
            ("frame_lag_max_ms", "lag max", 8), ("loop_lag_max_ms", "loop max", 8),
            ("frame_work_us", "µs/frame", 8), ("jitter_p99_ms", "jit p99", 8),
@@ -342,6 +350,11 @@ def main() -> None:
     parser.add_argument("--perf", action="store_true",
                         help="sample the server with Linux perf over the window: its CPU by "
                              "shared object (interpreter, onnxruntime, kernel, ...)")
+    parser.add_argument("--shed-loop-busy", type=float, metavar="SHARE",
+                        help="the workers refuse new calls while their event loop has asked "
+                             "for SHARE of a core over a second (SHED_LOOP_BUSY; default: never)")
+    parser.add_argument("--ramp-per-s", type=float, default=100.0,
+                        help="calls connecting per second before the window (default 100)")
     parser.add_argument("--steps", type=int, nargs="+", default=DEFAULT_STEPS)
     parser.add_argument("--duration", type=float, default=20.0, help="steady window, s")
     parser.add_argument("--late-ms", type=float, default=60.0,

@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import sys
 import threading
 import time
@@ -107,6 +108,7 @@ class BenchStats:
         self.work_max = 0.0
         self.slow = 0  # frames whose own processing took over 20 ms (an await that stalled)
         self.loop_lags: list[float] = []
+        self.loop_busy: list[float] = []  # admission's loop busy share, every report
         self.beat = time.monotonic()  # the loop's last round, for the stall watch
         self.gc_s = 0.0  # time in the cyclic garbage collector (it stops the event loop)
         self.gc_max = 0.0
@@ -148,6 +150,7 @@ class BenchStats:
             "work_max_ms": self.work_max * 1000,
             "slow_frames": self.slow,
             "loop_lags": self.loop_lags,
+            "loop_busy": self.loop_busy,
             "active_calls": active_calls,
             "max_rss_mb": usage.ru_maxrss / 1024,
             "gc_s": self.gc_s,
@@ -215,6 +218,11 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         "gc_runs_per_worker": [s.get("gc_runs") for s in snapshots],
         "runqueue_wait_s_per_worker": [round(s.get("runqueue_wait_s", 0.0), 2)
                                        for s in snapshots],
+        # The share of a second each worker's loop thread ran or waited for a CPU (what
+        # SHED_LOOP_BUSY looks at), sampled through the window: median and highest.
+        "loop_busy_p50_max_per_worker": [
+            [round(statistics.median(s["loop_busy"]), 3), round(max(s["loop_busy"]), 3)]
+            if s.get("loop_busy") else None for s in snapshots],
         "gc_tracked_per_worker": [s.get("gc_tracked") for s in snapshots],
     }
 
@@ -259,6 +267,10 @@ async def _report_loop(app: Starlette, directory: Path) -> None:
         await asyncio.sleep(0.25)
         services = getattr(app.state, "services", None)
         active = services.active_calls if services is not None else 0
+        admission = getattr(app.state, "admission", None)
+        busy = admission.loop_busy() if admission is not None else None
+        if busy is not None:
+            STATS.loop_busy.append(busy)
         reset, end = _read(directory / "reset"), _read(directory / "end")
         if reset != seen_reset:
             seen_reset = reset
@@ -307,6 +319,7 @@ def app_from_env() -> Starlette:
     settings = load_settings(
         database_url=os.environ["BENCH_DATABASE_URL"], db_spool_dir="./bench-spool",
         public_url=None, max_concurrent_calls=100_000, shed_queue_depth=0,
+        shed_loop_busy=float(os.environ.get("BENCH_SHED_LOOP_BUSY") or 0),
         llm_base_url="http://127.0.0.1:9/v1", llm_model="bench", log_level="WARNING",
         max_calls_per_address=100_000,
     )

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from pipeline.work_queue import WorkQueue
 from tests.capacitykit import with_capacity
 from tests.fakes.openai_server import FakeOpenAi
 from tests.serverkit import eventually
-from voicebot.admission import Admission, LocalLeases, RedisLeases, Refused
+from voicebot.admission import PER_CALL_FROM, Admission, LocalLeases, RedisLeases, Refused
 from voicebot.app import create_app
 from voicebot.local_server import running_server
 from voicebot.settings import Settings, load_settings
@@ -221,6 +222,100 @@ async def test_new_calls_are_shed_while_a_work_queue_stays_deep() -> None:
         await admission.release(in_progress)
     finally:
         await admission.stop()
+
+
+@contextlib.asynccontextmanager
+async def loop_kept_busy(share: float = 1.0) -> AsyncIterator[None]:
+    """Keeps this thread's event loop computing (`share` of the time) until the block ends,
+    in 10 ms slices with the loop's other work (the server's included) run in between."""
+    done = asyncio.Event()
+
+    async def spin() -> None:
+        while not done.is_set():
+            until = time.perf_counter() + 0.010 * share
+            while time.perf_counter() < until:
+                pass
+            await asyncio.sleep(0.010 * (1 - share))
+
+    task = asyncio.create_task(spin())
+    try:
+        yield
+    finally:
+        done.set()
+        await task
+
+
+async def test_new_calls_are_shed_while_the_event_loop_is_saturated() -> None:
+    admission = Admission(100, LocalLeases(), shed_loop_busy=0.8, shed_window_s=0.5,
+                          sample_interval_s=0.05)
+    await admission.start()
+    try:
+        await asyncio.sleep(0.6)
+        idle = admission.loop_busy()
+        assert idle is not None and idle < 0.3  # measured: this thread, from the kernel
+        in_progress = await admission.admit()
+        async with loop_kept_busy():
+            await asyncio.sleep(0.2)
+            assert not admission.should_shed()  # a moment's work is not overload
+            await asyncio.sleep(0.6)
+            busy = admission.loop_busy()
+            assert busy is not None and busy > 0.8
+            assert admission.should_shed()
+            with pytest.raises(Refused) as refused:
+                await admission.admit()
+            assert refused.value.reason == "overloaded"
+            assert admission.local_active == 1  # the call in progress keeps going
+        await asyncio.sleep(0.6)
+        assert not admission.should_shed()
+        await admission.release(await admission.admit())
+        await admission.release(in_progress)
+    finally:
+        await admission.stop()
+
+
+async def test_a_burst_of_new_calls_is_counted_before_the_loop_feels_it() -> None:
+    """At the window's share per call, the calls that would take the loop past the limit are
+    refused at once, not a window later when they have made every call late."""
+    loop = asyncio.get_running_loop()
+    admission = Admission(1000, LocalLeases(), shed_loop_busy=0.86, shed_window_s=0.3,
+                          sample_interval_s=0.05, loop_demand=lambda: 0.5 * loop.time())
+    leases = [await admission.admit() for _ in range(20)]
+    await admission.start()
+    try:
+        await asyncio.sleep(0.45)  # a whole window with 20 calls at half the loop
+        assert admission.loop_busy() == pytest.approx(0.5, rel=1e-3)
+        burst = []
+        with pytest.raises(Refused) as refused:  # no await between: the window cannot move
+            while True:
+                burst.append(await admission.admit())
+        assert refused.value.reason == "overloaded"
+        # 0.5 × (20 + k + 1) / 20 < 0.86 for k ≤ 13: fourteen more, not one more.
+        assert len(burst) == 14
+        # Below PER_CALL_FROM calls the share itself decides: one call is not a tenth of it.
+        for lease in [*leases, *burst][PER_CALL_FROM - 1:]:
+            await admission.release(lease)
+        await asyncio.sleep(0.45)
+        assert admission.loop_busy_with_one_more() == pytest.approx(0.5, rel=1e-3)
+    finally:
+        await admission.stop()
+
+
+async def test_busy_twiml_while_the_event_loop_is_saturated(
+    tmp_path: Path, fake_openai: FakeOpenAi
+) -> None:
+    settings = call_settings(tmp_path, fake_openai, max_concurrent_calls=5, shed_loop_busy=0.8)
+    app = with_capacity(create_app(settings, engines=instant_engines(settings)))
+    async with running_server(app) as base:
+        assert "<Connect>" in await voice_twiml(base)
+        async with loop_kept_busy(0.95):  # the server runs on this loop too
+            await eventually(lambda: app.state.admission.should_shed(), 5)
+            twiml = await voice_twiml(base)
+            assert "busy" in twiml.lower() and "<Hangup" in twiml
+        await eventually(lambda: not app.state.admission.should_shed(), 5)
+        assert "<Connect>" in await voice_twiml(base)
+        async with httpx.AsyncClient(base_url=base) as http:
+            text = (await http.get("/metrics")).text
+    assert 'voicebot_calls_refused_total{reason="overloaded",where="voice"} 1.0' in text
 
 
 async def test_draining_refuses_new_calls_and_fails_readiness(

@@ -122,4 +122,5 @@ async def test_metrics_move_after_a_simulated_call(
     assert moved("voicebot_utterances_total", role="bot") == 2  # greeting and the answer
     assert moved("voicebot_inbound_frame_lag_seconds_count") > 0  # sampled once a second
     assert ("voicebot_queue_waiting", (("queue", "stt"),)) in after
+    assert 0 <= value(after, "voicebot_event_loop_busy_ratio") <= 1.05
     assert value(after, "process_cpu_seconds_total") > 0

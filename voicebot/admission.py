@@ -15,7 +15,14 @@ the heartbeat writes those leases to Redis once it answers again.
 Overload: STT and TTS work goes through bounded queues (`pipeline.work_queue`). When a queue
 stays deep (its backlog at or above `SHED_QUEUE_DEPTH` for every sample of the last second),
 `should_shed()` turns true and new calls are refused while calls in progress keep the model
-time. While the server drains (SIGTERM), every new call is refused.
+time. The worker's event loop is the other thing that runs out: every frame of every call's
+audio is handled on it, and a loop asked for more than its core gives handles every frame of
+every call late. The sampler measures what the loop's thread asks of a CPU (the time it ran
+plus the time it waited, runnable, for a core: `/proc/thread-self/schedstat`) and how many
+calls it carried meanwhile. When one more call, at the window's cost per call, would take
+that share of the last second to `SHED_LOOP_BUSY` or more, new calls are refused the same
+way. Counting per call keeps a burst of new calls from slipping in while the window catches
+up with them. While the server drains (SIGTERM), every new call is refused.
 
 Refusals: `/twilio/voice` answers busy TwiML (`voice_guard`); the Media Streams WebSocket is
 closed with 1013 "try again later" before `accept` (`refuse_websocket`).
@@ -180,6 +187,9 @@ class Refused(Exception):
         super().__init__(f"call refused: {reason}")
 
 
+PER_CALL_FROM = 10  # calls: see `Admission.loop_busy_with_one_more`
+
+
 class Admission:
     """Decides whether a new call may start, for this worker and (with Redis) the deployment."""
 
@@ -191,8 +201,10 @@ class Admission:
         ttl_s: float = 30.0,
         queues: Sequence[WorkQueue] = (),
         shed_depth: int = 3,
+        shed_loop_busy: float = 0.0,
         shed_window_s: float = 1.0,
         sample_interval_s: float = 0.1,
+        loop_demand: Callable[[], float] | None = None,
     ) -> None:
         self.limit = limit
         self.store: LeaseStore = store or LocalLeases()
@@ -200,7 +212,13 @@ class Admission:
         self.queues = list(queues)
         self.shed_depth = shed_depth
         self.sample_interval_s = sample_interval_s
-        self._samples: deque[int] = deque(maxlen=max(1, round(shed_window_s / sample_interval_s)))
+        self.shed_loop_busy = shed_loop_busy
+        window = max(1, round(shed_window_s / sample_interval_s))
+        self._samples: deque[int] = deque(maxlen=window)
+        # (loop time, the loop thread's CPU demand so far, calls in progress) at each sample,
+        # one more than the window so that the oldest starts it.
+        self._demand: deque[tuple[float, float, int]] = deque(maxlen=window + 1)
+        self._loop_demand = loop_demand or loop_thread_demand_s
         self._leases: dict[str, Lease] = {}
         self._prefix = f"{socket.gethostname()}:{os.getpid()}:"
         self._tasks: list[asyncio.Task[None]] = []
@@ -225,8 +243,11 @@ class Admission:
         return max((q.waiting for q in self.queues), default=0)
 
     def should_shed(self) -> bool:
-        """True while a work queue has been deep for the whole sampling window: new calls
-        would only make every call slower."""
+        """True while a work queue has been deep, or the event loop busy, for the whole
+        sampling window: new calls would only make every call slower."""
+        return self.queues_deep() or self.loop_saturated()
+
+    def queues_deep(self) -> bool:
         if self.shed_depth <= 0:
             return False
         depth = self.queue_depth()
@@ -234,6 +255,36 @@ class Admission:
             return True  # so deep that waiting for the window would let a burst through
         window = self._samples
         return len(window) == window.maxlen and min(window) >= self.shed_depth
+
+    def loop_busy(self) -> float | None:
+        """The share of the last window the event loop's thread ran or waited for a CPU; None
+        before a whole window has been sampled."""
+        window = self._demand
+        if len(window) < window.maxlen:
+            return None
+        (t0, d0, _), (t1, d1, _) = window[0], window[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else None
+
+    def loop_busy_with_one_more(self) -> float | None:
+        """`loop_busy` for the calls in progress now and one more, at the window's share per
+        call. Below `PER_CALL_FROM` calls in the window, `loop_busy` itself: a call is then too
+        large a part of the count (and the loop's other work too large a part of its share)
+        for the share per call to mean anything."""
+        busy = self.loop_busy()
+        if busy is None:
+            return None
+        carried = sum(active for _, _, active in self._demand) / len(self._demand)
+        if carried < PER_CALL_FROM:
+            return busy
+        return busy * max(1.0, (self.local_active + 1) / carried)
+
+    def loop_saturated(self) -> bool:
+        """One more call would take the loop to `shed_loop_busy` of a core or more: it has about
+        as many calls as its core carries."""
+        if self.shed_loop_busy <= 0:
+            return False
+        busy = self.loop_busy_with_one_more()
+        return busy is not None and busy >= self.shed_loop_busy
 
     async def cluster_active(self) -> int | None:
         """Calls in progress on every worker sharing the store; None if it does not answer."""
@@ -361,8 +412,10 @@ class Admission:
         await self.store.aclose()
 
     async def _sample_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self._samples.append(self.queue_depth())
+            self._demand.append((loop.time(), self._loop_demand(), self.local_active))
             await asyncio.sleep(self.sample_interval_s)
 
     async def _heartbeat_loop(self) -> None:
@@ -376,11 +429,22 @@ class Admission:
                 self._mark_store_down(exc, cooldown_s=interval)
 
 
+def loop_thread_demand_s() -> float:
+    """Seconds the calling thread has run or waited, runnable, for a CPU (Linux's
+    `/proc/thread-self/schedstat`); elsewhere its CPU time alone."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as file:
+            ran_ns, waited_ns = file.read().split()[:2]
+        return (int(ran_ns) + int(waited_ns)) / 1e9
+    except (OSError, ValueError):
+        return time.thread_time()
+
+
 def build_admission(settings: object, queues: Sequence[WorkQueue] = ()) -> Admission:
     """The admission the settings ask for: Redis leases with `REDIS_URL`, else in-process.
 
-    Reads `MAX_CONCURRENT_CALLS`, `REDIS_URL`, `REDIS_NAMESPACE`, `ADMISSION_LEASE_TTL_S` and
-    `SHED_QUEUE_DEPTH` (the last two are optional: 30 s and 3)."""
+    Reads `MAX_CONCURRENT_CALLS`, `REDIS_URL`, `REDIS_NAMESPACE`, `ADMISSION_LEASE_TTL_S`,
+    `SHED_QUEUE_DEPTH` and `SHED_LOOP_BUSY` (the last three are optional: 30 s, 3 and 0)."""
     url = getattr(settings, "redis_url", None)
     namespace = getattr(settings, "redis_namespace", "voicebot")
     store: LeaseStore = RedisLeases(url, namespace) if url else LocalLeases()
@@ -390,6 +454,7 @@ def build_admission(settings: object, queues: Sequence[WorkQueue] = ()) -> Admis
         ttl_s=float(getattr(settings, "admission_lease_ttl_s", 30.0)),
         queues=queues,
         shed_depth=int(getattr(settings, "shed_queue_depth", 3)),
+        shed_loop_busy=float(getattr(settings, "shed_loop_busy", 0.0)),
     )
 
 

@@ -14,7 +14,9 @@
   `voicebot_utterances_total{role}`;
 - load: `voicebot_queue_waiting{queue="stt"|"tts"}`, `voicebot_queue_running{queue}`,
   `voicebot_draining`, `voicebot_event_loop_lag_seconds` (how late a 0.5 s timer fires: what
-  every frame of every call on this worker waits on), and `voicebot_inbound_frame_lag_seconds`
+  every frame of every call on this worker waits on), `voicebot_event_loop_busy_ratio` (the
+  share of the last second the event loop's thread ran or waited for a CPU: at 1 it has more
+  calls than its core carries; `SHED_LOOP_BUSY` sheds new calls before that), and `voicebot_inbound_frame_lag_seconds`
   when the media stream reports it (`observe_frame_lag`).
 
 Several workers (`voicebot serve --workers N`) share one listening socket, so a scrape lands on
@@ -131,6 +133,9 @@ class CallMetrics:
         self.loop_lag = Histogram("voicebot_event_loop_lag_seconds",
                                   "How late a timer fires on the event loop", buckets=FINE_BUCKETS,
                                   registry=r)
+        self.loop_busy = Gauge("voicebot_event_loop_busy_ratio",
+                               "Share of the last second the event loop's thread ran or waited "
+                               "for a CPU", registry=r, multiprocess_mode="livemax")
         self.frame_lag = Histogram("voicebot_inbound_frame_lag_seconds",
                                    "Inbound audio frame processed, behind its media timestamp",
                                    buckets=FINE_BUCKETS, registry=r)
@@ -213,6 +218,9 @@ class CallMetrics:
             self.queue_waiting.labels(queue.name).set(queue.waiting)
             self.queue_running.labels(queue.name).set(queue.running)
         self.draining.set(1 if admission.draining else 0)
+        busy = admission.loop_busy()
+        if busy is not None:
+            self.loop_busy.set(round(busy, 3))
         if not admission.shared:
             self.cluster_active.set(admission.local_active)
         for key, count in admission.refusals.items():
