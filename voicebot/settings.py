@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     max_concurrent_calls: int = Field(default=20, ge=1)  # across all workers (Redis)
     admission_lease_ttl_s: float = Field(default=30.0, ge=3)  # a crashed worker's lines free up
     shed_queue_depth: int = Field(default=3, ge=0)  # refuse new calls at this STT/TTS backlog
-    shed_loop_busy: float = Field(default=0.85, ge=0, le=1)  # ... or the loop this busy (0: never)
+    shed_loop_busy: float = Field(default=0.8, ge=0, le=1)  # ... or the loop this busy (0: never)
     drain_grace_s: float = Field(default=30.0, ge=0)  # SIGTERM: calls get this long to finish
     busy_message: str = ("Sorry, all of our lines are busy right now. "
                          "Please call again in a few minutes. Goodbye.")
