@@ -243,8 +243,9 @@ class Admission:
         return max((q.waiting for q in self.queues), default=0)
 
     def should_shed(self) -> bool:
-        """True while a work queue has been deep, or the event loop busy, for the whole
-        sampling window: new calls would only make every call slower."""
+        """True while a work queue has stayed deep (`queues_deep`), or one more call would
+        saturate the event loop (`loop_saturated`): new calls would only make every call
+        slower."""
         return self.queues_deep() or self.loop_saturated()
 
     def queues_deep(self) -> bool:
@@ -431,7 +432,8 @@ class Admission:
 
 def loop_thread_demand_s() -> float:
     """Seconds the calling thread has run or waited, runnable, for a CPU (Linux's
-    `/proc/thread-self/schedstat`); elsewhere its CPU time alone."""
+    `/proc/thread-self/schedstat`, which the kernel writes from memory: a few microseconds,
+    ten times a second); elsewhere its CPU time alone."""
     try:
         with open("/proc/thread-self/schedstat", "rb") as file:
             ran_ns, waited_ns = file.read().split()[:2]
@@ -444,7 +446,8 @@ def build_admission(settings: object, queues: Sequence[WorkQueue] = ()) -> Admis
     """The admission the settings ask for: Redis leases with `REDIS_URL`, else in-process.
 
     Reads `MAX_CONCURRENT_CALLS`, `REDIS_URL`, `REDIS_NAMESPACE`, `ADMISSION_LEASE_TTL_S`,
-    `SHED_QUEUE_DEPTH` and `SHED_LOOP_BUSY` (the last three are optional: 30 s, 3 and 0)."""
+    `SHED_QUEUE_DEPTH` and `SHED_LOOP_BUSY` (the last three are optional here: 30 s, 3 and 0,
+    never; `Settings` has them, with 0.8 for `SHED_LOOP_BUSY`)."""
     url = getattr(settings, "redis_url", None)
     namespace = getattr(settings, "redis_namespace", "voicebot")
     store: LeaseStore = RedisLeases(url, namespace) if url else LocalLeases()
