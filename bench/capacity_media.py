@@ -158,7 +158,7 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
     server = subprocess.Popen(server_cmd, cwd=build, env=env)
     try:
         wait_ready(port, server)
-        ramp_s = max(3.0, n / args.ramp_per_s)  # calls connect at 100 a second (3 s at least)
+        ramp_s = max(3.0, n / args.ramp_per_s)  # --ramp-per-s calls a second (3 s at least)
         load_cmd = [sys.executable, str(ROOT / "bench" / "media_load.py"),
                     "--url", f"ws://127.0.0.1:{port}/twilio/media",
                     "--duration", str(args.duration), "--ramp-s", str(ramp_s),
@@ -351,8 +351,8 @@ def main() -> None:
                         help="sample the server with Linux perf over the window: its CPU by "
                              "shared object (interpreter, onnxruntime, kernel, ...)")
     parser.add_argument("--shed-loop-busy", type=float, metavar="SHARE",
-                        help="the workers refuse new calls while their event loop has asked "
-                             "for SHARE of a core over a second (SHED_LOOP_BUSY; default: never)")
+                        help="the workers refuse a new call when it would keep their event "
+                             "loop SHARE of a core busy (SHED_LOOP_BUSY; default: never)")
     parser.add_argument("--ramp-per-s", type=float, default=100.0,
                         help="calls connecting per second before the window (default 100)")
     parser.add_argument("--steps", type=int, nargs="+", default=DEFAULT_STEPS)
