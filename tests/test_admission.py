@@ -18,6 +18,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from db.repository import CallNotFound
 from pipeline.conversation import Engines
 from pipeline.factory import build_vad_factory
 from pipeline.llm_openai import OpenAiLlm
@@ -298,6 +299,39 @@ async def test_a_burst_of_new_calls_is_counted_before_the_loop_feels_it() -> Non
         assert admission.loop_busy_with_one_more() == pytest.approx(0.5, rel=1e-3)
     finally:
         await admission.stop()
+
+
+async def test_a_call_refused_at_the_voice_webhook_is_stored_with_why(
+    tmp_path: Path, fake_openai: FakeOpenAi
+) -> None:
+    settings = call_settings(tmp_path, fake_openai)  # one line
+    app = with_capacity(create_app(settings, engines=instant_engines(settings)))
+    refused_sid = "CA" + uuid.uuid4().hex
+    async with running_server(app) as base:
+        async with call_in_progress(base), httpx.AsyncClient(base_url=base) as http:
+            response = await http.post("/twilio/voice", data={
+                "CallSid": refused_sid, "From": "+15550001111", "To": "+15550002222"})
+            assert "<Hangup" in response.text
+            # Not a Twilio CallSid: refused all the same, but nothing is stored for it.
+            await http.post("/twilio/voice", data={"CallSid": "x" * 500})
+
+        async def stored() -> bool:
+            try:
+                await app.state.calls.get_call(refused_sid)
+            except CallNotFound:
+                return False
+            return True
+
+        await eventually(stored, 5)
+        detail = await app.state.calls.get_call(refused_sid)
+        async with httpx.AsyncClient(base_url=base) as http:
+            text = (await http.get("/metrics")).text
+    assert detail.call.end_reason == "refused_full" and detail.call.status == "completed"
+    assert [(e.type, e.detail) for e in detail.events] == [
+        ("refused", {"reason": "full", "where": "voice"})]
+    assert 'voicebot_calls_ended_total{reason="refused_full"} 1.0' in text
+    with pytest.raises(CallNotFound):
+        await app.state.calls.get_call("x" * 500)
 
 
 async def test_busy_twiml_while_the_event_loop_is_saturated(

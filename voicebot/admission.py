@@ -24,8 +24,9 @@ that share of the last second to `SHED_LOOP_BUSY` or more, new calls are refused
 way. Counting per call keeps a burst of new calls from slipping in while the window catches
 up with them. While the server drains (SIGTERM), every new call is refused.
 
-Refusals: `/twilio/voice` answers busy TwiML (`voice_guard`); the Media Streams WebSocket is
-closed with 1013 "try again later" before `accept` (`refuse_websocket`).
+Refusals: `/twilio/voice` answers busy TwiML (`voice_guard`) and stores the call as refused
+(`record_refusal`); the Media Streams WebSocket is closed with 1013 "try again later" before
+`accept` (`refuse_websocket`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -471,19 +473,45 @@ HttpEndpoint = Callable[[Request], Awaitable[Response]]
 
 def voice_guard(endpoint: HttpEndpoint) -> HttpEndpoint:
     """Wrap `/twilio/voice`: when no line is free, answer a short spoken "all lines are busy"
-    and a hang-up (`webhooks.outbound.busy_twiml`) instead of connecting a stream."""
+    and a hang-up (`webhooks.outbound.busy_twiml`) instead of connecting a stream, and store
+    the call as ended with reason `refused_<why>` (`record_refusal`)."""
     from webhooks.outbound import busy_twiml
 
     @functools.wraps(endpoint)
     async def guarded(request: Request) -> Response:
         admission: Admission | None = getattr(request.app.state, "admission", None)
-        if admission is not None and await admission.has_room("voice") is not None:
+        reason = await admission.has_room("voice") if admission is not None else None
+        if reason is not None:
+            await record_refusal(request, reason)
             settings = getattr(request.app.state, "settings", None)
             message = getattr(settings, "busy_message", None) or DEFAULT_BUSY_MESSAGE
             return Response(busy_twiml(message), media_type="application/xml")
         return await endpoint(request)
 
     return guarded
+
+
+_CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
+
+
+async def record_refusal(request: Request, reason: RefusalReason) -> None:
+    """A call refused at the voice webhook goes on record like any other: a `refused` event
+    (why) and its end, reason `refused_<why>`, so the viewer,
+    `voicebot stats` and `voicebot_calls_ended_total` show it. Only a Twilio CallSid is
+    recorded (the webhook's signature is checked before this, when Twilio's token is set)."""
+    from pipeline.events import CallEnded, CallEvent, utcnow
+
+    services = getattr(request.app.state, "services", None)
+    form = await request.form() if request.method == "POST" else request.query_params
+    call_sid = str(form.get("CallSid") or "")
+    if services is None or not _CALL_SID.fullmatch(call_sid):
+        return
+    now = utcnow()
+    # The caller's number stays out of the event: `voicebot forget` scrubs numbers from
+    # calls' own columns (Twilio's status callback fills those in, when it is configured).
+    services.bus.publish(CallEvent(call_sid, "refused", {"reason": reason, "where": "voice"},
+                                   now))
+    services.bus.publish(CallEnded(call_sid, now, f"refused_{reason}"))
 
 
 async def refuse_websocket(websocket: WebSocket, reason: str) -> None:
