@@ -41,6 +41,7 @@ from pipeline.factory import build_vad_factory
 from pipeline.tts_piper import ToneTts
 from telephony.messages import Media
 from telephony.stream import TwilioStream
+from voicebot.admission import thread_schedstat_s
 from voicebot.app import create_app
 from voicebot.settings import load_settings
 
@@ -79,11 +80,9 @@ class InstantLlm:
 
 def _runqueue_wait_s() -> float:
     """Seconds the calling thread (the event loop's) has waited for a CPU while runnable
-    (`/proc/thread-self/schedstat`; 0 where there is none)."""
-    try:
-        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    (`thread_schedstat_s`; 0 where there is none)."""
+    stat = thread_schedstat_s()
+    return stat[1] if stat is not None else 0.0
 
 
 class BenchStats:

@@ -191,6 +191,16 @@ async def test_without_redis_answering_calls_are_admitted_against_the_local_coun
     assert admission.local_active == 0
 
 
+async def assert_sheds_new_calls_only(admission: Admission) -> None:
+    """Overloaded with one call in progress: a new call is refused as `overloaded`, and the
+    call in progress keeps its line."""
+    assert admission.should_shed()
+    with pytest.raises(Refused) as refused:
+        await admission.admit()
+    assert refused.value.reason == "overloaded"
+    assert admission.local_active == 1
+
+
 async def test_new_calls_are_shed_while_a_work_queue_stays_deep() -> None:
     limiter = anyio.CapacityLimiter(1)
     admission = Admission(100, LocalLeases(), queues=[WorkQueue("stt", limiter)], shed_depth=2,
@@ -211,11 +221,7 @@ async def test_new_calls_are_shed_while_a_work_queue_stays_deep() -> None:
             assert admission.queue_depth() == 2
             assert not admission.should_shed()  # a burst is not yet overload
             await asyncio.sleep(0.4)
-            assert admission.should_shed()
-            with pytest.raises(Refused) as refused:
-                await admission.admit()
-            assert refused.value.reason == "overloaded"
-            assert admission.local_active == 1  # the call in progress keeps going
+            await assert_sheds_new_calls_only(admission)
             release.set()
         await asyncio.sleep(0.1)
         assert not admission.should_shed()
@@ -261,11 +267,7 @@ async def test_new_calls_are_shed_while_the_event_loop_is_saturated() -> None:
             await asyncio.sleep(0.6)
             busy = admission.loop_busy()
             assert busy is not None and busy > 0.8
-            assert admission.should_shed()
-            with pytest.raises(Refused) as refused:
-                await admission.admit()
-            assert refused.value.reason == "overloaded"
-            assert admission.local_active == 1  # the call in progress keeps going
+            await assert_sheds_new_calls_only(admission)
         await asyncio.sleep(0.6)
         assert not admission.should_shed()
         await admission.release(await admission.admit())

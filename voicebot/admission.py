@@ -432,16 +432,23 @@ class Admission:
                 self._mark_store_down(exc, cooldown_s=interval)
 
 
-def loop_thread_demand_s() -> float:
-    """Seconds the calling thread has run or waited, runnable, for a CPU (Linux's
-    `/proc/thread-self/schedstat`, which the kernel writes from memory: a few microseconds,
-    ten times a second); elsewhere its CPU time alone."""
+def thread_schedstat_s() -> tuple[float, float] | None:
+    """Seconds the calling thread has run, and waited (runnable) for a CPU, from Linux's
+    `/proc/thread-self/schedstat` (which the kernel writes from memory: a few microseconds);
+    None where there is none."""
     try:
         with open("/proc/thread-self/schedstat", "rb") as file:
             ran_ns, waited_ns = file.read().split()[:2]
-        return (int(ran_ns) + int(waited_ns)) / 1e9
+        return int(ran_ns) / 1e9, int(waited_ns) / 1e9
     except (OSError, ValueError):
-        return time.thread_time()
+        return None
+
+
+def loop_thread_demand_s() -> float:
+    """Seconds the calling thread has run or waited, runnable, for a CPU
+    (`thread_schedstat_s`, read ten times a second); elsewhere its CPU time alone."""
+    stat = thread_schedstat_s()
+    return sum(stat) if stat is not None else time.thread_time()
 
 
 def build_admission(settings: object, queues: Sequence[WorkQueue] = ()) -> Admission:

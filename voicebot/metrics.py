@@ -16,7 +16,8 @@
   `voicebot_draining`, `voicebot_event_loop_lag_seconds` (how late a 0.5 s timer fires: what
   every frame of every call on this worker waits on), `voicebot_event_loop_busy_ratio` (the
   share of the last second the event loop's thread ran or waited for a CPU: at 1 it has more
-  calls than its core carries; `SHED_LOOP_BUSY` sheds new calls before that), and `voicebot_inbound_frame_lag_seconds`
+  calls than its core carries; `SHED_LOOP_BUSY` sheds new calls before that), and
+  `voicebot_inbound_frame_lag_seconds`
   when the media stream reports it (`observe_frame_lag`).
 
 Several workers (`voicebot serve --workers N`) share one listening socket, so a scrape lands on
