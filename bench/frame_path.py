@@ -57,13 +57,15 @@ class _Sink:
         return False
 
 
-def make_calls(calls: int, silero: SileroSession) -> list[tuple[TwilioStream, list[str]]]:
+def make_calls(calls: int, silero: SileroSession,
+               resampler: str = "soxr") -> list[tuple[TwilioStream, list[str]]]:
     cycle = script_payloads(FIXTURE, CYCLE_S)  # the capacity benchmark's script, as base64
     engines = Engines(stt=FixedStt("hello"), llm=InstantLlm("Okay."), tts=ToneTts(),  # type: ignore[arg-type]
                       vad=lambda: SileroVad(silero), stt_limiter=anyio.CapacityLimiter(1),
                       turn_model=None)
     config = ConversationConfig(greeting="", system_prompt="Be brief.", apology="Sorry.",
-                                endpoint=EndpointConfig(), idle_reprompt_s=1e9,
+                                endpoint=EndpointConfig(resampler=resampler),  # type: ignore[arg-type]
+                                idle_reprompt_s=1e9,
                                 idle_hangup_s=1e9)
     out = []
     for call in range(calls):
@@ -96,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 20, 200])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--resampler", choices=["soxr", "halfband"], default="soxr",
+                        help="8 -> 16 kHz for the VAD (the VAD_RESAMPLER setting)")
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # the actions' coroutines, never awaited
     silero = SileroSession()
@@ -103,7 +107,7 @@ def main() -> None:
     for n in args.calls:
         runs = []
         for _ in range(args.repeats):
-            calls = make_calls(n, silero)
+            calls = make_calls(n, silero, args.resampler)
             time_cycle(calls, second=False)  # warms up (allocations, the first fits)
             runs.append(time_cycle(calls, second=True))
         print(f"{n:>6} {min(runs):>20.2f} {' '.join(f'{r:.2f}' for r in runs):>24}", flush=True)

@@ -104,14 +104,15 @@ class OfflineCall:
     """One fixture through `TurnTaking`, on the audio timeline (see the module docstring)."""
 
     def __init__(self, fixture: dict, models: Models, mode: str, bot_audio: np.ndarray | None,
-                 fixed_latency_ms: tuple[float, float] | None = None, bot_text: str = ""):
+                 fixed_latency_ms: tuple[float, float] | None = None, bot_text: str = "",
+                 resampler: str = "soxr"):
         """`fixed_latency_ms` (STT, end-of-turn model): deliver results after these virtual
         compute times instead of the measured ones (deterministic, for tests)."""
         self.fixed = fixed_latency_ms
         self.fx = fixture
         self.mode = mode
         self.models = models
-        listener = Listener(SileroVad(models.vad), EndpointConfig())
+        listener = Listener(SileroVad(models.vad), EndpointConfig(resampler=resampler))  # type: ignore[arg-type]
         detector = None
         if mode != "silence":
             detector = TurnDetector(uses_model=mode == "smart")
@@ -394,6 +395,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run fixtures whose name contains this")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "turn_taking.json"))
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--resampler", choices=["soxr", "halfband"], default="soxr",
+                        help="8 -> 16 kHz for the VAD (the VAD_RESAMPLER setting)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from pipeline.stt import WhisperStt
@@ -416,7 +419,8 @@ def main() -> None:
         for fixture in fixtures:
             call = OfflineCall(fixture, models, mode,
                                bot_audio if fixture["kind"] == "barge" else None,
-                               bot_text=manifest["bot_reply"]["text"])
+                               bot_text=manifest["bot_reply"]["text"],
+                               resampler=args.resampler)
             row = call.run()
             mode_rows.append(row)
             if args.verbose:
@@ -428,7 +432,8 @@ def main() -> None:
         print(f"\n{mode}: cut-offs {s['false_cutoffs']}; missed {s['missed_interruptions']}; "
               f"false barge-ins {s['false_barge_in_noise_names'] + s['false_barge_in_echo_names'] + s['false_barge_in_backchannel_names']}")
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "fixtures": len(fixtures),
-              "modes": args.modes, "seconds": round(time.perf_counter() - started, 1),
+              "modes": args.modes, "resampler": args.resampler,
+              "seconds": round(time.perf_counter() - started, 1),
               "summary": summaries, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))

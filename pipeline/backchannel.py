@@ -36,8 +36,9 @@ Interjection = Literal["backchannel", "noise", "echo", "words"]
 BargeInClass = Literal["interruption", "backchannel", "noise", "echo", "false_interruption"]
 
 BACKCHANNELS = frozenset(["yeah", "yes", "yep", "yup", "ya", "yea", "ok", "okay", "k", "right", "sure", "alright", "all", "fine", "good", "great", "cool", "nice", "uh", "huh", "uh-huh", "em", "emm", "eh", "ha", "hah", "haha", "heh", "hehe", "mhm", "mm-hmm", "mmhmm", "mm", "hmm", "hm", "um", "umm", "uhm", "ah", "oh", "aha", "ahh", "ooh", "wow", "er", "erm", "i", "see", "got", "it", "gotcha", "true", "totally", "exactly", "indeed", "definitely"])
-# Whisper renders a closed-mouth hum ("mm-hmm") as a string of m/n/h letters.
-_HUM = re.compile(r"^[mnh]+$")
+# Whisper renders a closed-mouth hum ("mm-hmm") as a string of m/n/h letters, sometimes with
+# an open vowel at the end ("Mma.", where the hum opens).
+_HUM = re.compile(r"^(?:[mnh]+|[mnh]{2,}[ae])$")
 # A partial transcript of a fraction of a second of a hum often comes out as a few function
 # words ("and then", "in a"): too little to stop the bot for, so it is looked at again.
 FUNCTION_WORDS = frozenset((

@@ -1,9 +1,11 @@
 """Listening: caller audio in, speech boundaries out.
 
 Per call, 8 kHz PCM frames are resampled to 16 kHz (one streaming resampler, state kept across
-frames), cut into Silero's 32 ms windows, scored by the VAD (behind its energy gate), and run
-through an endpointing state machine that counts *audio* time, not wall time, so a caller
-streaming faster than real time (the simulator's pace factor) is judged the same way.
+frames: soxr's, or with `EndpointConfig.resampler = "halfband"` a half-band FIR that gives each
+frame's samples at once), cut into Silero's 32 ms windows, each scored by the VAD (behind its
+energy gate) as soon as it is whole, and run through an endpointing state machine that counts
+*audio* time, not wall time, so a caller streaming faster than real time (the simulator's pace
+factor) is judged the same way.
 
 Events, in order for one utterance:
   SpeechStarted     first voiced window (pre-roll kept, so the first word is not clipped)
@@ -18,13 +20,17 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from media.resample import StreamResampler
+from media.resample import HalfbandUpsampler, StreamResampler
 from media.vad import SAMPLE_RATE, WINDOW, Vad
 
 WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms
+# In the middle of a caller's speech, voiced windows may wait for this many to be scored in
+# one model run (`Listener.feed`'s `hold`).
+HOLD_WINDOWS = 3
 _INT16_SCALE = np.float32(1.0 / 32768.0)
 
 
@@ -76,6 +82,12 @@ class EndpointConfig:
     preroll_ms: int = 300
     tail_ms: int = 160
     max_utterance_ms: int = 30_000
+    # How 8 kHz becomes Silero's 16 kHz. "soxr": libsoxr's HQ stream, which hands its output
+    # over in 1,660-sample blocks, so a window is heard 0-100 ms after it arrived. "halfband":
+    # each frame at once (8 ms of filter delay): turns end about 50-90 ms sooner
+    # (bench/turn_taking.py), but partial transcripts for barge-in see a little less audio,
+    # and the barge-in policy was tuned on "soxr" (docs/ARCHITECTURE.md).
+    resampler: Literal["soxr", "halfband"] = "soxr"
 
 
 class Listener:
@@ -84,8 +96,11 @@ class Listener:
     def __init__(self, vad: Vad, config: EndpointConfig | None = None) -> None:
         self._vad = vad
         self.config = config or EndpointConfig()
-        self._resampler = StreamResampler(8000, SAMPLE_RATE)
+        self._resampler: HalfbandUpsampler | StreamResampler = (
+            HalfbandUpsampler() if self.config.resampler == "halfband"
+            else StreamResampler(8000, SAMPLE_RATE))
         self._pending = np.zeros(0, dtype=np.float32)
+        self._whole_at: list[float] = []  # when each whole window in `_pending` arrived
         preroll_windows = max(1, int(self.config.preroll_ms / WINDOW_MS))
         self._preroll: deque[np.ndarray] = deque(maxlen=preroll_windows)
         self._utterance: list[np.ndarray] = []
@@ -130,28 +145,46 @@ class Listener:
 
     def end_turn(self, now: float) -> SpeechEnded | None:
         """End the current utterance now (an end-of-turn decision, not the silence bound);
-        None when the caller is not in an utterance."""
+        None when the caller is not in an utterance. Made on silence, so no window is waiting
+        in speech (`feed`'s hold) to be left out."""
         if not self._in_speech:
             return None
         events: list[ListenerEvent] = []
         self._end(now, events)
         return events[0]  # type: ignore[return-value]
 
-    def feed(self, pcm8k: np.ndarray, now: float | None = None) -> list[ListenerEvent]:
-        """Feed one frame of 8 kHz int16 audio; returns the events it caused."""
+    def feed(self, pcm8k: np.ndarray, now: float | None = None,
+             hold: bool = False) -> list[ListenerEvent]:
+        """Feed 8 kHz int16 audio (a frame, or a block of them); returns the events it caused.
+
+        Each window is scored as soon as the resampler gives it whole (with "soxr", three or
+        four at a time in one model run). With `hold`, in the middle of speech (the
+        utterance confirmed and the last window voiced) windows wait until `HOLD_WINDOWS` are
+        whole, then go through one model run, about a fifth cheaper a window
+        (`bench/vad_batch.py`). Nothing is decided later for it: each window is stamped with
+        when it arrived, and the first silent one among them counts its silence from there,
+        so a threshold of silence longer than the windows that waited (96 ms; the shortest,
+        the speculative pause, is 200) is crossed on the same frame as without holding."""
         now = time.monotonic() if now is None else now
         audio = self._resampler.process(np.multiply(pcm8k, _INT16_SCALE, dtype=np.float32))
         if not audio.size:
-            # The resampler hands its output over in blocks (about every fifth frame): until
-            # then there is no new window, and the pending samples stay as they are.
+            # soxr hands its output over in blocks (about every fifth frame): until then
+            # there is no new window, and the pending samples stay as they are.
             return []
         if self._pending.size:
             audio = np.concatenate((self._pending, audio))
-        events: list[ListenerEvent] = []
         count = audio.size // WINDOW
+        whole_at = self._whole_at
+        whole_at.extend([now] * (count - len(whole_at)))
+        if (hold and 0 < count < HOLD_WINDOWS and self._in_speech and self._confirmed
+                and self._silence_ms == 0.0):
+            self._pending = audio
+            return []
+        events: list[ListenerEvent] = []
         if count:
-            # The block's windows are scored together (`Vad.score_run`: one model run for
-            # the lot); an utterance that ends inside the block resets the VAD, and the
+            # A block of frames (held quiet ones, or windows waiting in speech) completes
+            # several windows, scored together (`Vad.score_run`: one model run for the
+            # ungated ones); an utterance that ends inside the block resets the VAD, and the
             # windows after it are scored again from there, as one by one would have.
             windows = audio[: count * WINDOW].reshape(count, WINDOW)
             done = 0
@@ -159,8 +192,10 @@ class Listener:
                 probs = self._vad.score_run(windows[done:])
                 for prob in probs:
                     done += 1
-                    if self._window(windows[done - 1], prob, now, events) and done < count:
+                    if (self._window(windows[done - 1], prob, whole_at[done - 1], events)
+                            and done < count):
                         break
+            whole_at.clear()
         self._pending = audio[count * WINDOW:].copy()
         return events
 

@@ -163,7 +163,10 @@ class TurnTaking:
     def feed(self, pcm8k: np.ndarray, now: float, bot_audible: bool) -> list[Action]:
         """One frame of caller audio (8 kHz int16, echo already removed) at audio time `now`."""
         actions: list[Action] = []
-        for event in self.listener.feed(pcm8k, now):
+        # Windows may wait in the caller's speech (the listener's `hold`), except over the
+        # bot: a barge-in is judged on the caller's voiced time as it grows.
+        hold = not bot_audible and self._tracker is None
+        for event in self.listener.feed(pcm8k, now, hold):
             if isinstance(event, SpeechStarted):
                 self._start(event.at, bot_audible)
             elif isinstance(event, SpeechConfirmed):

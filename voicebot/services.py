@@ -49,6 +49,7 @@ class Services:
                 silence_ms=s.endpoint_silence_ms,
                 speculative_ms=s.speculative_stt_ms,
                 confirm_ms=s.barge_in_min_speech_ms,
+                resampler=s.vad_resampler,
             ),
             history_turns=s.history_turns,
             summary_max_chars=s.summary_max_chars,

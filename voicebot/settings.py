@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     barge_in_min_speech_ms: int = Field(default=160, ge=60, le=2000)
     vad_threshold: float = Field(default=0.5, gt=0, lt=1)
     energy_gate_dbfs: float = Field(default=-50.0, le=0)
+    # 8 -> 16 kHz for the VAD: "soxr" (blocks of ~100 ms) or "halfband" (each frame at once:
+    # turns end sooner; barge-in was tuned on soxr). pipeline/listener.py, EndpointConfig.
+    vad_resampler: Literal["soxr", "halfband"] = "soxr"
     history_turns: int = Field(default=8, ge=1)
 
     # Outbound audio: how far ahead of the caller's ear we let Twilio's buffer run.

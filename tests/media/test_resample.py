@@ -1,6 +1,6 @@
 import numpy as np
 
-from media.resample import StreamResampler, resample, to_ulaw_8k
+from media.resample import HalfbandUpsampler, StreamResampler, resample, to_ulaw_8k
 
 
 def _sine(rate: int, seconds: float, freq: float = 440.0) -> np.ndarray:
@@ -34,3 +34,44 @@ def test_tts_audio_becomes_8k_ulaw_of_the_right_length() -> None:
     pcm = (_sine(22050, 1.0) * 32767).astype(np.int16)
     ulaw = to_ulaw_8k(pcm, 22050)
     assert abs(len(ulaw) - 8000) <= 2
+
+
+def _level_db(signal: np.ndarray, rate: int, freq: float) -> float:
+    """The level of one frequency in a signal (a Hann-windowed DFT bin), dB re a full sine."""
+    window = np.hanning(signal.size)
+    t = np.arange(signal.size) / rate
+    amplitude = 2 * abs(np.sum(signal * window * np.exp(-2j * np.pi * freq * t))) / window.sum()
+    return 20 * np.log10(max(amplitude, 1e-12))
+
+
+def test_the_halfband_upsampler_gives_each_frame_at_once_and_streams_like_the_whole() -> None:
+    """A 20 ms frame in, its 320 samples at 16 kHz out at once, and any chunking gives the
+    signal one call over all of it gives."""
+    signal = _sine(8000, 1.0, freq=700)
+    stream = HalfbandUpsampler()
+    pieces = [stream.process(signal[i : i + 160]) for i in range(0, len(signal), 160)]
+    assert all(piece.size == 320 for piece in pieces)
+    odd = HalfbandUpsampler()
+    uneven = [odd.process(signal[i : i + 97]) for i in range(0, len(signal), 97)]
+    whole = HalfbandUpsampler().process(signal)
+    assert np.allclose(np.concatenate(pieces), whole, atol=1e-6)
+    assert np.allclose(np.concatenate(uneven), whole, atol=1e-6)
+
+
+def test_the_halfband_upsampler_keeps_the_band_and_rejects_the_images() -> None:
+    """A tone in the telephone band comes out at 16 kHz at its level, 8 ms late, with its
+    image (8 kHz minus the tone) 70 dB down or more; int16 in is scaled like soxr's float."""
+    stream = HalfbandUpsampler()
+    for freq in (300.0, 1000.0, 3000.0, 3400.0, 3750.0):
+        tone = _sine(8000, 1.0, freq=freq)
+        out = stream.process(tone)[2000:]  # past the filter's start-up
+        assert abs(_level_db(out, 16000, freq) - _level_db(tone[1000:], 8000, freq)) < 0.05
+        assert _level_db(out, 16000, 8000 - freq) < _level_db(out, 16000, freq) - 70
+    assert abs(stream.delay_s - 0.0079) < 0.0001
+    click = np.zeros(400, dtype=np.float32)
+    click[100] = 1.0
+    peak = int(np.argmax(HalfbandUpsampler().process(click)))
+    assert abs(peak / 16000 - (100 / 8000 + stream.delay_s)) <= 1 / 16000
+    as_int = HalfbandUpsampler().process((_sine(8000, 0.1) * 32767).astype(np.int16))
+    as_float = HalfbandUpsampler().process(_sine(8000, 0.1))
+    assert np.max(np.abs(as_int - as_float)) < 1e-4

@@ -26,17 +26,24 @@ def run(listener: Listener, path, trailing_ms: int = 1500) -> list:
     return feed(listener, np.concatenate([pcm, np.zeros(8 * trailing_ms, dtype=np.int16)]))
 
 
-def feed(listener: Listener, pcm: np.ndarray) -> list:
-    """The line's 20 ms frames, in order; every event they caused."""
+def feed(listener: Listener, pcm: np.ndarray, frames: int = 1) -> list:
+    """The line's 20 ms frames in order, `frames` of them at a time (a call's held quiet
+    frames reach the listener as one block); every event they caused."""
     events = []
-    for i in range(0, len(pcm) - 159, 160):
+    step = 160 * frames
+    for i in range(0, len(pcm) - 159, step):
         # A fake clock at audio time: endpointing must count audio, not wall time.
-        events += listener.feed(pcm[i : i + 160], now=i / 8000)
+        events += listener.feed(pcm[i : i + step], now=i / 8000)
     return events
 
 
-def test_a_sentence_is_one_utterance(session, fixtures_dir) -> None:
-    events = run(Listener(SileroVad(session)), fixtures_dir / "open_hours.wav")
+RESAMPLERS = pytest.mark.parametrize("resampler", ["soxr", "halfband"])
+
+
+@RESAMPLERS
+def test_a_sentence_is_one_utterance(session, fixtures_dir, resampler) -> None:
+    events = run(Listener(SileroVad(session), EndpointConfig(resampler=resampler)),
+                 fixtures_dir / "open_hours.wav")
     ended = [e for e in events if isinstance(e, SpeechEnded)]
     assert len(ended) == 1 and ended[0].confirmed and ended[0].worth_transcribing
     assert [type(e) for e in events][:2] == [SpeechStarted, SpeechConfirmed]
@@ -46,25 +53,31 @@ def test_a_sentence_is_one_utterance(session, fixtures_dir) -> None:
     assert abs((ended[0].ended_at - ended[0].last_voice_at) - 0.5) < 0.05
 
 
-def test_slow_counting_splits_at_short_silence_and_joins_at_long(session, fixtures_dir) -> None:
-    short = run(Listener(SileroVad(session), EndpointConfig(silence_ms=300)),
+@RESAMPLERS
+def test_slow_counting_splits_at_short_silence_and_joins_at_long(session, fixtures_dir,
+                                                                 resampler) -> None:
+    short = run(Listener(SileroVad(session), EndpointConfig(silence_ms=300, resampler=resampler)),
                 fixtures_dir / "one_two_three.wav")
-    long = run(Listener(SileroVad(session), EndpointConfig(silence_ms=900)),
+    long = run(Listener(SileroVad(session), EndpointConfig(silence_ms=900, resampler=resampler)),
                fixtures_dir / "one_two_three.wav")
     assert sum(isinstance(e, SpeechEnded) for e in short) == 3
     assert sum(isinstance(e, SpeechEnded) for e in long) == 1
 
 
-def test_speculative_pause_comes_before_the_end(session, fixtures_dir) -> None:
-    events = run(Listener(SileroVad(session), EndpointConfig(speculative_ms=200)),
+@RESAMPLERS
+def test_speculative_pause_comes_before_the_end(session, fixtures_dir, resampler) -> None:
+    events = run(Listener(SileroVad(session), EndpointConfig(speculative_ms=200,
+                                                             resampler=resampler)),
                  fixtures_dir / "book_table.wav")
     kinds = [type(e) for e in events]
     assert SpeechPaused in kinds
     assert kinds.index(SpeechPaused) < kinds.index(SpeechEnded)
 
 
-def test_a_click_is_never_confirmed_speech(session, fixtures_dir) -> None:
-    events = run(Listener(SileroVad(session)), fixtures_dir / "click.wav")
+@RESAMPLERS
+def test_a_click_is_never_confirmed_speech(session, fixtures_dir, resampler) -> None:
+    events = run(Listener(SileroVad(session), EndpointConfig(resampler=resampler)),
+                 fixtures_dir / "click.wav")
     assert not any(isinstance(e, SpeechConfirmed) for e in events)
     assert not any(isinstance(e, SpeechEnded) and e.worth_transcribing for e in events)
 
@@ -85,17 +98,20 @@ class OneByOne:
         self._vad.reset()
 
 
-def test_windows_scored_by_block_give_the_events_of_one_by_one(session, fixtures_dir) -> None:
-    """The listener scores each resampler block's windows in one model run; an utterance that
-    ends inside a block resets the VAD, so the windows after it are scored again. On a line
-    with hiss (Silero runs between the words too) and short endpoints (many ends inside
-    blocks), the events are those of one window per run, audio included."""
+@pytest.mark.parametrize(("resampler", "frames"), [("soxr", 1), ("halfband", 10)])
+def test_windows_scored_by_block_give_the_events_of_one_by_one(session, fixtures_dir,
+                                                               resampler, frames) -> None:
+    """soxr's blocks of output, or a block of frames fed at once (a call's held quiet frames
+    come as one), hold several windows: the listener scores them in one model run; an
+    utterance that ends inside a block resets the VAD, so the windows after it are scored
+    again. On a line with hiss (Silero runs between the words too) and short endpoints (many
+    ends inside blocks), the events are those of one window per run, audio included."""
     pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(fixtures_dir / "one_two_three.wav", 8000)))
     hiss = np.random.default_rng(7).normal(0, 32768 * 10 ** (-45 / 20), 8 * 4000)
     line = np.concatenate([pcm, pcm, np.zeros(8 * 1500)])
     line = np.clip(line + np.resize(hiss, line.size), -32768, 32767).astype(np.int16)
-    config = EndpointConfig(silence_ms=250, speculative_ms=120)
-    block, single = (feed(Listener(vad, config), line)  # type: ignore[arg-type]
+    config = EndpointConfig(silence_ms=250, speculative_ms=120, resampler=resampler)
+    block, single = (feed(Listener(vad, config), line, frames)  # type: ignore[arg-type]
                      for vad in (SileroVad(session), OneByOne(SileroVad(session))))
     assert sum(isinstance(e, SpeechEnded) for e in single) >= 4
     assert [type(e) for e in block] == [type(e) for e in single]
@@ -123,14 +139,80 @@ class Scripted:
         self.since_reset = 0
 
 
-def test_windows_after_an_end_inside_a_block_are_scored_after_the_reset() -> None:
+@pytest.mark.parametrize(("resampler", "frames", "whole"), [("soxr", 1, 19), ("halfband", 10, 20)])
+def test_windows_after_an_end_inside_a_block_are_scored_after_the_reset(
+        resampler, frames, whole) -> None:
     """An utterance ends (and the VAD resets) in the middle of a block of windows: the rest of
     the block is scored from the reset state. With this VAD every utterance is 10 voiced
-    windows and 5 silent ones, wherever the block edges fall: the 300 windows' worth of audio
-    (a few fewer come out: the resampler's delay) holds 19 whole ones. Scoring the rest of a
-    block before the reset would lose windows at each end, and an utterance in all."""
-    listener = Listener(Scripted(), EndpointConfig(silence_ms=160, speculative_ms=0))  # type: ignore[arg-type]
-    frames = 300 * 512 // 320 + 1  # 8 kHz frames for 300 windows at 16 kHz, plus the filter
-    tone = (3000 * np.sin(np.arange(160 * frames) * 0.3)).astype(np.int16)
-    ended = [e for e in feed(listener, tone) if isinstance(e, SpeechEnded)]
-    assert len(ended) == 19 and all(e.voiced_ms == 10 * 32 for e in ended)
+    windows and 5 silent ones, wherever the block edges fall: 300 windows' worth of audio hold
+    20 whole ones (19 through soxr, whose delay keeps a few samples back). Fed frame by frame
+    through soxr (3-4 windows a block), or 10 frames at a time through the half-band filter
+    (6.25 windows a block). Scoring the rest of a block before the reset would lose windows at
+    each end, and utterances with them."""
+    listener = Listener(Scripted(), EndpointConfig(silence_ms=160, speculative_ms=0,  # type: ignore[arg-type]
+                                                   resampler=resampler))
+    count = 300 * 512 // 320 + 1  # 8 kHz frames for 300 windows at 16 kHz
+    tone = (3000 * np.sin(np.arange(160 * count) * 0.3)).astype(np.int16)
+    ended = [e for e in feed(listener, tone, frames) if isinstance(e, SpeechEnded)]
+    assert len(ended) == whole and all(e.voiced_ms == 10 * 32 for e in ended)
+
+
+def test_the_halfband_resampler_ends_turns_sooner(session, fixtures_dir) -> None:
+    """soxr's blocks make the VAD hear a frame 0-100 ms late; the half-band filter gives it
+    every frame at once: the same utterances, never ended later by the audio clock, and
+    sooner on average (by where soxr's block edges fall)."""
+    sooner = []
+    for name in ("open_hours.wav", "one_two_three.wav", "book_table.wav"):
+        soxr, halfband = ([e for e in run(Listener(SileroVad(session),
+                                                   EndpointConfig(resampler=resampler)),
+                                          fixtures_dir / name)
+                           if isinstance(e, SpeechEnded)]
+                          for resampler in ("soxr", "halfband"))
+        assert len(soxr) == len(halfband) >= 1
+        for late, soon in zip(soxr, halfband, strict=True):
+            sooner.append(late.ended_at - soon.ended_at)
+            assert sooner[-1] >= 0, name
+            assert abs(late.voiced_ms - soon.voiced_ms) <= 3 * 32
+    assert len(sooner) >= 3 and sum(sooner) / len(sooner) >= 0.04, sooner
+
+
+class Counting(SileroVad):
+    """Silero, recording how many windows each model run scored."""
+
+    def __init__(self, session: SileroSession) -> None:
+        super().__init__(session)
+        self.runs: list[int] = []
+
+    def _run(self, windows: np.ndarray) -> list[float]:
+        self.runs.append(len(windows))
+        return super()._run(windows)
+
+
+def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(session,
+                                                                     fixtures_dir) -> None:
+    """With `hold`, windows in the middle of speech wait to be scored three at a time: every
+    event is the same, stamps and audio included, and each is returned by the same frame
+    (a held window is voiced speech going on: no event turns on it)."""
+    pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(fixtures_dir / "book_table.wav", 8000)))
+    hiss = np.random.default_rng(3).normal(0, 32768 * 10 ** (-45 / 20), 8 * 3000)
+    line = np.concatenate([pcm, np.zeros(8 * 1500), pcm, np.zeros(8 * 1500)])
+    line = np.clip(line + np.resize(hiss, line.size), -32768, 32767).astype(np.int16)
+    results = {}
+    for hold in (False, True):
+        vad = Counting(session)
+        listener = Listener(vad, EndpointConfig(resampler="halfband"))
+        by_frame = [listener.feed(line[i : i + 160], i / 8000, hold)
+                    for i in range(0, len(line) - 159, 160)]
+        results[hold] = (by_frame, vad.runs)
+    (plain, plain_runs), (held, held_runs) = results[False], results[True]
+    events = [e for frame in plain for e in frame]
+    assert sum(isinstance(e, SpeechEnded) for e in events) >= 2
+    assert [type(e) for e in events] == [type(e) for frame in held for e in frame]
+    for a, b in zip(events, [e for frame in held for e in frame], strict=True):
+        for name in a.__slots__:
+            x, y = getattr(a, name), getattr(b, name)
+            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, name
+    assert [[type(e) for e in frame] for frame in plain] == [[type(e) for e in frame]
+                                                            for frame in held]
+    assert max(plain_runs) == 1 and max(held_runs) == 3
+    assert sum(held_runs) == sum(plain_runs) and len(held_runs) < 0.75 * len(plain_runs)

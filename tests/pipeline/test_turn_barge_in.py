@@ -91,7 +91,11 @@ def test_a_hum_that_whisper_spells_out_is_a_backchannel() -> None:
     assert classify_interjection("M-H-N.") == "backchannel"
     assert classify_interjection("M-A-A-A-") == "backchannel"
     assert classify_interjection("Emm.") == "backchannel"
+    assert classify_interjection("MMA.") == "backchannel"  # the hum opening at its end
+    assert classify_interjection("Mmm-hmm, mma.") == "backchannel"
     assert classify_interjection("I need") == "words"
+    assert classify_interjection("me") == "words" and classify_interjection("no, ma'am") == "words"
+    assert classify_interjection("mama") == "words"
 
 
 def _speechlike(seconds: float, seed: int) -> np.ndarray:
