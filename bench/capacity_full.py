@@ -7,7 +7,9 @@ Twilio callers (telephony.simulator, real-time pace) each say three things from
 tests/fixtures and wait for the answers; their starts are spread over the first seconds, as
 real calls would be. V2V is measured at the caller (end of its speech → first bot audio
 received) and by the server (stored per turn, read back from /api/calls/{sid}), with the
-server's parts (STT, LLM first sentence, TTS first chunk). Steps 1, 2, 3, 4, 6, 8, stopping
+server's parts (end-of-turn wait, STT, LLM first sentence, TTS first chunk) and what follows
+the end-of-turn decision (V2V minus that wait: the part that load changes; the wait is the
+turn detector's choice). Every turn's parts are in the JSON (`server_turns`). Steps 1, 2, 3, 4, 6, 8, stopping
 after the first step whose client-measured V2V p95 is over `--limit-ms` (2000) unless
 `--keep-going`.
 
@@ -38,7 +40,7 @@ from telephony.simulator import CallerTurn, SimulatedCaller  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 DEFAULT_TURNS = ["open_hours.wav", "book_table.wav", "prices.wav"]
-PARTS = ["v2v_ms", "stt_ms", "stt_wait_ms", "llm_first_sentence_ms", "tts_first_chunk_ms",
+PARTS = ["v2v_ms", "endpoint_ms", "stt_ms", "stt_wait_ms", "llm_first_sentence_ms", "tts_first_chunk_ms",
          "overhead_ms"]
 
 
@@ -118,6 +120,7 @@ async def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
         client: list[float] = []
         unanswered = 0
         server_parts: dict[str, list[float]] = {part: [] for part in PARTS}
+        per_turn: list[dict[str, object]] = []  # every turn's parts, to see what the tail is
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
             for caller in callers:
                 for turn in caller.result.turns:
@@ -127,6 +130,8 @@ async def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
                         client.append(turn.latency_ms)
                 detail = (await http.get(f"/api/calls/{caller.call_sid}")).json()
                 for metric in detail.get("metrics", []):
+                    per_turn.append({"call": caller.call_sid, "turn": metric.get("turn"),
+                                     **{part: metric.get(part) for part in PARTS}})
                     for part in PARTS:
                         if isinstance(metric.get(part), int | float):
                             server_parts[part].append(float(metric[part]))
@@ -143,12 +148,19 @@ async def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
     }
     for part in PARTS:
         row[f"{part.removesuffix('_ms')}_p95_ms"] = percentile(server_parts[part], 0.95)
+    # What load changes: from the end-of-turn decision to the first audio (V2V minus the
+    # end-of-turn wait, which is the turn detector's choice and the same at any load).
+    after = [float(t["v2v_ms"]) - float(t["endpoint_ms"]) for t in per_turn  # type: ignore[arg-type]
+             if isinstance(t["v2v_ms"], int | float) and isinstance(t["endpoint_ms"], int | float)]
+    row["after_eot_p95_ms"] = percentile(after, 0.95)
     row["ok"] = unanswered == 0 and p95 is not None and p95 < args.limit_ms
+    row["server_turns"] = per_turn
     return row
 
 
 COLUMNS = [("calls", "N", 4), ("turns", "turns", 6), ("client_v2v_p50_ms", "v2v p50", 8),
            ("client_v2v_p95_ms", "v2v p95", 8), ("v2v_p95_ms", "srv p95", 8),
+           ("endpoint_p95_ms", "eot p95", 8), ("after_eot_p95_ms", "rest p95", 8),
            ("stt_p95_ms", "stt p95", 8), ("llm_first_sentence_p95_ms", "llm p95", 8),
            ("tts_first_chunk_p95_ms", "tts p95", 8), ("overhead_p95_ms", "own p95", 8),
            ("server_cpu_pct", "cpu %", 6), ("background_cpus", "bg cpu", 6), ("ok", "ok", 5)]

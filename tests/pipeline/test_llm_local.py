@@ -75,6 +75,47 @@ async def test_concurrent_streams_take_turns(llm: LlamaCppLlm) -> None:
     assert all(any(ch.isalpha() for ch in text) for text in replies)
 
 
+LIST_NUMBERS = "List the numbers from 1 to 100, separated by commas."
+
+
+async def _timed_reply(llm: LlamaCppLlm, question: str) -> list[float]:
+    """When each delta of one reply arrived (loop time)."""
+    loop = asyncio.get_running_loop()
+    messages = [ChatMessage("user", question)]  # no phone prompt: it keeps replies short
+    return [loop.time() async for _ in llm.stream(messages, max_tokens=80)]
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+async def test_two_replies_at_once_share_the_cores_instead_of_queueing(parallel: int) -> None:
+    """With two contexts, a second caller's reply starts at once, while the first is still
+    generating, each on its share of the cores (one thread each of two); with one, it waits
+    for the whole first reply. Either way a lone reply gets every thread again."""
+    llm = LlamaCppLlm(parallel=parallel, n_threads=2, temperature=0.0)  # counts to the end
+    await asyncio.to_thread(llm.warm_up, DEFAULT_SYSTEM_PROMPT)  # as the server does
+    shares: list[int] = []  # every thread count a context was set to, in order
+    for context in llm._contexts:
+        def record(threads: int, context=context, set_=context.use_threads) -> None:
+            if threads != context.threads:
+                shares.append(threads)
+            set_(threads)
+        context.use_threads = record  # type: ignore[method-assign]
+    try:
+        first, second = await asyncio.gather(
+            _timed_reply(llm, LIST_NUMBERS), _timed_reply(llm, LIST_NUMBERS))
+        assert len(first) == len(second) > 20  # "1, 2, 3, ... 10." (greedy: the same reply)
+        early, late = sorted((first, second))
+        if parallel == 2:
+            assert late[0] < early[-1]  # the second reply began before the first ended
+            assert shares.count(1) == 2  # each context went down to one thread
+        else:
+            assert late[0] > early[-1]
+            assert 1 not in shares
+        await _timed_reply(llm, "Say hello.")
+        assert llm._contexts[0].threads == 2  # the lone reply (least busy: the first context)
+    finally:
+        llm.close()
+
+
 async def test_first_token_timeout_while_the_model_is_busy(llm: LlamaCppLlm) -> None:
     await asyncio.to_thread(llm._lock.acquire)
     saved, llm.timeout_s = llm.timeout_s, 0.2
