@@ -276,8 +276,16 @@ async def _report_loop(app: Starlette, directory: Path) -> None:
             STATS.reset()
         if end != seen_end:
             seen_end = end
-            (directory / f"{pid}.final.json").write_text(json.dumps(STATS.snapshot(active, True)))
-        (directory / f"{pid}.json").write_text(json.dumps(STATS.snapshot(active)))
+            _write_whole(directory / f"{pid}.final.json", STATS.snapshot(active, True))
+        _write_whole(directory / f"{pid}.json", STATS.snapshot(active))
+
+
+def _write_whole(path: Path, snapshot: dict) -> None:  # type: ignore[type-arg]
+    """Write then rename: the bench reads these files while the workers rewrite them, and a
+    file caught half-written (empty) broke its JSON parse."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(snapshot))
+    part.replace(path)
 
 
 async def _loop_lag_monitor() -> None:
