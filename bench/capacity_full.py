@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from telephony.simulator import CallerTurn, SimulatedCaller  # noqa: E402
+from voicebot.settings import Settings  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 DEFAULT_TURNS = ["open_hours.wav", "book_table.wav", "prices.wav"]
@@ -188,6 +189,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     return {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.platform(),
             "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
             "turns": args.turns, "limit_ms": args.limit_ms, "largest_passing_n": best,
+            # The server's settings that the bench leaves to the environment and that move V2V.
+            "settings": {name.upper(): os.environ.get(name.upper(), str(field.default))
+                         for name, field in Settings.model_fields.items()
+                         if name in ("prepare_lead_ms", "llm_local_parallel", "vad_resampler")},
             "steps": rows}
 
 

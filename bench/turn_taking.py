@@ -17,7 +17,8 @@ Three configurations, in the same run:
 Reported: false cut-off rate and EOU delay p50/p95 (turn fixtures); false barge-in rate on
 noise, echo and backchannel fixtures; missed interruptions and barge-in → clear latency
 (from the interruption's first sound); resume latency after a false interruption (from the
-end of the sound, and from the verdict); preemptive replies started / used.
+end of the sound, and from the verdict); preemptive replies started / used, and how long
+before the end of the turn a used one was started (its head start).
 
     .venv/bin/python bench/turn_taking.py
     .venv/bin/python bench/turn_taking.py --modes silence smart --only digits_
@@ -34,7 +35,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ class OfflineCall:
 
     def __init__(self, fixture: dict, models: Models, mode: str, bot_audio: np.ndarray | None,
                  fixed_latency_ms: tuple[float, float] | None = None, bot_text: str = "",
-                 resampler: str = "soxr"):
+                 resampler: str = "soxr", prepare_lead_ms: int | None = None):
         """`fixed_latency_ms` (STT, end-of-turn model): deliver results after these virtual
         compute times instead of the measured ones (deterministic, for tests)."""
         self.fixed = fixed_latency_ms
@@ -117,7 +118,10 @@ class OfflineCall:
         if mode != "silence":
             detector = TurnDetector(uses_model=mode == "smart")
             detector.expect_after(fixture.get("bot_said"))
-        self.turns = TurnTaking(listener, detector, TurnTakingConfig(smart=mode != "silence"))
+        config = TurnTakingConfig(smart=mode != "silence")
+        if prepare_lead_ms is not None:
+            config = replace(config, prepare_lead_ms=prepare_lead_ms)
+        self.turns = TurnTaking(listener, detector, config)
         if bot_audio is not None and bot_text:
             self.turns.bot_says(bot_text)
         self.guard = EchoGuard() if mode != "silence" else None
@@ -134,6 +138,8 @@ class OfflineCall:
         self.prepared = 0
         self.prepared_used = 0
         self._prepared_live = False
+        self._prepared_at = 0.0
+        self.head_start_ms: list[float] = []  # per used preparation: how long before the end
         self.compute_ms: list[float] = []
 
     # Scheduling: results arrive after the compute time they took --------------------------
@@ -253,6 +259,7 @@ class OfflineCall:
                 if not self._prepared_live:
                     self.prepared += 1
                     self._prepared_live = True
+                    self._prepared_at = now
             elif isinstance(action, TurnEnded):
                 self._ended(action, now)
 
@@ -266,6 +273,7 @@ class OfflineCall:
         self.ended_at.append(now)
         if self._prepared_live and action.interjection is None:
             self.prepared_used += 1
+            self.head_start_ms.append(round((now - self._prepared_at) * 1000, 1))
         self._prepared_live = False
         bot = self.bot
         if bot is None or not bot.paused:
@@ -292,6 +300,7 @@ class OfflineCall:
             row["eou_delay_ms"] = round((late[0] - end) * 1000, 1) if late else None
             row["prepared"] = self.prepared
             row["prepared_used"] = self.prepared_used
+            row["head_start_ms"] = self.head_start_ms
             return row
         bot = self.bot
         assert bot is not None
@@ -308,6 +317,10 @@ class OfflineCall:
         return row
 
 
+def mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 1) if values else None
+
+
 def summarize(rows: list[dict]) -> dict:
     turns = [r for r in rows if r["kind"] == "turn"]
     barge = [r for r in rows if r["kind"] == "barge"]
@@ -321,6 +334,13 @@ def summarize(rows: list[dict]) -> dict:
         "eou_delay_mean_ms": round(statistics.fmean(delays), 1) if delays else None,
         "preemptive_started": sum(r.get("prepared", 0) for r in turns),
         "preemptive_used": sum(r.get("prepared_used", 0) for r in turns),
+        # How long before the turn ended its reply was started: time the caller does not wait
+        # (about nothing for a turn that looked complete at once: its evidence comes in just
+        # before the end; up to the lead for one prepared before a long wait ran out).
+        "preemptive_head_start_mean_ms": mean(
+            [h for r in turns for h in r.get("head_start_ms", [])]),
+        "preemptive_head_start_max_ms": max(
+            [h for r in turns for h in r.get("head_start_ms", [])], default=None),
     }
     for category in ("noise", "echo", "backchannel"):
         group = [r for r in barge if r["category"] == category and r["expect"] == "continue"]
@@ -372,6 +392,8 @@ def print_table(summaries: dict[str, dict]) -> None:
         ("resume after sound p50 (ms)", "resume_after_sound_ms_p50", False),
         ("resume after sound max (ms)", "resume_after_sound_ms_max", False),
         ("preemptive replies started/used", None, False),
+        ("head start of a used one mean (ms)", "preemptive_head_start_mean_ms", False),
+        ("head start of a used one max (ms)", "preemptive_head_start_max_ms", False),
     ]
     print(f"\n{'':34s}" + "".join(f"{m:>14s}" for m in modes))
     for label, key, pct in lines:
@@ -397,6 +419,9 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--resampler", choices=["soxr", "halfband"], default="soxr",
                         help="8 -> 16 kHz for the VAD (the VAD_RESAMPLER setting)")
+    parser.add_argument("--prepare-lead-ms", type=int, default=None,
+                        help="TurnTakingConfig.prepare_lead_ms (default: its default; 0: "
+                             "prepare only turns that look complete)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from pipeline.stt import WhisperStt
@@ -420,7 +445,8 @@ def main() -> None:
             call = OfflineCall(fixture, models, mode,
                                bot_audio if fixture["kind"] == "barge" else None,
                                bot_text=manifest["bot_reply"]["text"],
-                               resampler=args.resampler)
+                               resampler=args.resampler,
+                               prepare_lead_ms=args.prepare_lead_ms)
             row = call.run()
             mode_rows.append(row)
             if args.verbose:
@@ -433,6 +459,8 @@ def main() -> None:
               f"false barge-ins {s['false_barge_in_noise_names'] + s['false_barge_in_echo_names'] + s['false_barge_in_backchannel_names']}")
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "fixtures": len(fixtures),
               "modes": args.modes, "resampler": args.resampler,
+              "prepare_lead_ms": (args.prepare_lead_ms if args.prepare_lead_ms is not None
+                                  else TurnTakingConfig().prepare_lead_ms),
               "seconds": round(time.perf_counter() - started, 1),
               "summary": summaries, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,9 @@ class ConversationConfig:
     transfer_number: str | None = None
     dtmf_menu: dict[str, MenuAction] = field(default_factory=dict)
     llm_tools: bool = False  # the LLM is offered end_call/transfer_call functions
+    # Start the reply this long before a long end-of-turn wait runs out (PREPARE_LEAD_MS;
+    # pipeline.turn_taking.TurnTakingConfig). 0: only turns that look complete are prepared.
+    prepare_lead_ms: int = 700
 
 
 @dataclass(slots=True)

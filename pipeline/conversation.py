@@ -49,7 +49,7 @@ from pipeline.speaking import Speaking
 from pipeline.speech import AudioSink, PeerGone
 from pipeline.turn_actions import Prepared, TurnActions
 from pipeline.turn_detector import TurnDetector
-from pipeline.turn_taking import Action, TurnTaking
+from pipeline.turn_taking import Action, TurnTaking, TurnTakingConfig
 from pipeline.turn_timing import TurnTiming
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,9 @@ class Conversation(TurnActions, Speaking):
         self._bus = bus
         self.config = config
         self.listener = Listener(engines.vad(), config.endpoint)
-        self.turns = TurnTaking(self.listener, TurnDetector(uses_model=engines.turn_model
-                                                            is not None))
+        self.turns = TurnTaking(self.listener,
+                                TurnDetector(uses_model=engines.turn_model is not None),
+                                TurnTakingConfig(prepare_lead_ms=config.prepare_lead_ms))
         self.echo_guard = EchoGuard()
         self._held: list[bytes] = []  # quiet frames not listened to yet (see `hear`)
         self._quiet_run = 0  # quiet frames in a row, listened to one by one

@@ -78,7 +78,9 @@ class PauseBot:
 
 @dataclass(frozen=True, slots=True)
 class Prepare:
-    """The words so far look like a complete turn: start the reply now, speak it at the end."""
+    """Start the reply to these words now and speak it when the turn ends (if it ends on them):
+    at once when they look like a complete turn, or `prepare_lead_ms` before a long wait for
+    more runs out (see `TurnTakingConfig`)."""
 
     text: str
 
@@ -107,6 +109,13 @@ class TurnTakingConfig:
     smart: bool = True  # False: the silence-only baseline
     interjection_pause_ms: int = 128  # a sound over the bot is judged after this much silence
     barge_in: BargeInPolicy = field(default_factory=BargeInPolicy)
+    # A pause whose evidence says "more may come" (the model hears an unfinished turn, a
+    # trailing "and", digits being dictated) waits up to 2 s; a caller who lets that wait run
+    # has usually finished, and then hears nothing for the wait plus the whole reply's start.
+    # So the reply is prepared this long before the wait runs out (about what the first
+    # sentence takes to be spoken), and is thrown away if the caller goes on. 0: only turns
+    # that look complete are prepared.
+    prepare_lead_ms: int = 700
 
 
 class TurnTaking:
@@ -194,8 +203,23 @@ class TurnTaking:
                 and listener.voiced_ms >= listener.config.min_utterance_ms):
             self._pause(listener.audio(), listener.last_voice_at, actions)
         if self.smart:
+            if self._prepared_for != self.pause_id:
+                prepare = self._prepare_before_the_end()
+                if prepare is not None:
+                    actions.append(prepare)
             actions.extend(self._end_if_due(now))
         return actions
+
+    def _prepare_before_the_end(self) -> Prepare | None:
+        """`Prepare` when a long wait for more is `prepare_lead_ms` from running out."""
+        lead = self.config.prepare_lead_ms
+        text = self.detector.transcript
+        if (not lead or self._during_bot or not self._analyzing or not text
+                or not text.strip()
+                or self.listener.silence_ms + lead < self.detector.decision().budget_ms):
+            return None
+        self._prepared_for = self.pause_id
+        return Prepare(text)
 
     def _start(self, at: float, bot_audible: bool) -> None:
         self.utterance_id += 1

@@ -64,6 +64,7 @@ class Services:
             transfer_number=s.transfer_number,
             dtmf_menu=parse_dtmf_menu(s.dtmf_menu),
             llm_tools=bool(getattr(self.engines.llm, "tools", None)),
+            prepare_lead_ms=s.prepare_lead_ms,
         )
 
     async def new_conversation(

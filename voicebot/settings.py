@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     # 8 -> 16 kHz for the VAD: "soxr" (blocks of ~100 ms) or "halfband" (each frame at once:
     # turns end sooner; barge-in was tuned on soxr). pipeline/listener.py, EndpointConfig.
     vad_resampler: Literal["soxr", "halfband"] = "soxr"
+    # A long end-of-turn wait (the model hears an unfinished turn): start the reply this long
+    # before it runs out, thrown away if the caller goes on (0: only complete-looking turns).
+    prepare_lead_ms: int = Field(default=700, ge=0, le=2000)
     history_turns: int = Field(default=8, ge=1)
 
     # Outbound audio: how far ahead of the caller's ear we let Twilio's buffer run.

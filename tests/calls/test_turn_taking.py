@@ -133,6 +133,37 @@ async def test_a_finished_question_is_answered_sooner_than_silence_alone_would(
     assert metrics.endpoint_ms is not None and metrics.endpoint_ms < 500
 
 
+@pytest.mark.parametrize("lead_ms", [700, 0])
+async def test_a_reply_is_ready_when_a_long_wait_for_more_runs_out(
+    settings: Settings, engines: Engines, fake_openai: FakeOpenAi, lead_ms: int
+) -> None:
+    # "... because my flight was delayed.": Smart Turn hears it unfinished, so the turn waits
+    # ~1.5 s for more. A model that takes 0.6 s to its first word: with PREPARE_LEAD_MS the
+    # reply was made during the wait, so the caller hears it when the wait ends; without, the
+    # 0.6 s comes after it.
+    fake_openai.script(Rule(reply="Sorry to hear that. I can cancel it for you.",
+                            first_token_delay_s=0.6))
+    async with serving(settings.model_copy(update={"prepare_lead_ms": lead_ms}),
+                       engines) as served:
+        caller = SimulatedCaller(served.media_url, pace=1.0)
+        await caller.run([CallerTurn(wav=wav("pause_because"))])
+        await served.ended(caller.call_sid)
+    (end,) = events(served, caller.call_sid, "turn_end")
+    assert end["reason"] == "model_incomplete" and end["eou_delay_ms"] > 1200, end
+    (metrics,) = served.metrics(caller.call_sid)
+    assert metrics.v2v_ms is not None and metrics.endpoint_ms is not None
+    after_the_wait = metrics.v2v_ms - metrics.endpoint_ms
+    if lead_ms:
+        assert after_the_wait < 300, metrics
+    else:
+        assert after_the_wait > 600, metrics
+    # One reply either way, to the whole sentence.
+    (request,) = reply_requests(fake_openai)
+    assert "flight was delayed" in request.last_user_message.lower()
+    bot = [u.text for u in served.utterances(caller.call_sid) if u.role == "bot"]
+    assert bot[1:] == ["Sorry to hear that. I can cancel it for you."]
+
+
 async def test_a_backchannel_while_the_bot_speaks_does_not_interrupt_it(
     settings: Settings, engines: Engines, fake_openai: FakeOpenAi, fixtures_dir
 ) -> None:

@@ -40,13 +40,14 @@ def harness(stt_model):
     fixtures = {f["name"]: f for f in manifest["fixtures"]}
     bot = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(bench.FIXTURES / "bot_reply.wav", 8000)))
 
-    def run(name: str, mode: str = "smart") -> dict:
+    def run(name: str, mode: str = "smart", prepare_lead_ms: int | None = None) -> dict:
         if mode == "smart" and turn is None:
             pytest.skip("Smart Turn (pipecat-ai) not installed")
         fixture = fixtures[name]
         audio = bot if fixture["kind"] == "barge" else None
         return bench.OfflineCall(fixture, models, mode, audio, LATENCY_MS,
-                                 bot_text=manifest["bot_reply"]["text"]).run()
+                                 bot_text=manifest["bot_reply"]["text"],
+                                 prepare_lead_ms=prepare_lead_ms).run()
 
     return run
 
@@ -73,6 +74,18 @@ def test_a_finished_question_ends_the_turn_sooner_than_silence_alone(harness) ->
     assert not smart["cut_off"] and smart["eou_delay_ms"] < baseline["eou_delay_ms"]
     assert smart["eou_delay_ms"] <= 400
     assert smart["prepared"] == 1 and smart["prepared_used"] == 1  # replied early, once
+
+
+@pytest.mark.parametrize("name", ["pause_because", "hesitate_maybe"])
+def test_a_long_wait_for_more_that_runs_out_has_its_reply_ready(harness, name) -> None:
+    # The model hears an unfinished turn, so the turn waits ~1.5 s; the caller says no more.
+    # The reply starts 700 ms before that wait runs out instead of after it.
+    smart = harness(name, "smart")
+    assert not smart["cut_off"] and smart["reasons"] == ["model_incomplete"], smart
+    assert smart["prepared"] == 1 and smart["prepared_used"] == 1
+    assert 600 <= smart["head_start_ms"][0] <= 760, smart
+    unprepared = harness(name, "smart", prepare_lead_ms=0)
+    assert unprepared["prepared"] == 0 and unprepared["ended_at"] == smart["ended_at"]
 
 
 def test_without_the_model_transcript_cues_still_hold_a_hesitation(harness) -> None:
