@@ -120,7 +120,6 @@ async def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
         await asyncio.sleep(1.0)  # the recorder writes the last turns
         client: list[float] = []
         unanswered = 0
-        server_parts: dict[str, list[float]] = {part: [] for part in PARTS}
         per_turn: list[dict[str, object]] = []  # every turn's parts, to see what the tail is
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
             for caller in callers:
@@ -133,9 +132,6 @@ async def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
                 for metric in detail.get("metrics", []):
                     per_turn.append({"call": caller.call_sid, "turn": metric.get("turn"),
                                      **{part: metric.get(part) for part in PARTS}})
-                    for part in PARTS:
-                        if isinstance(metric.get(part), int | float):
-                            server_parts[part].append(float(metric[part]))
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -147,13 +143,15 @@ async def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
         "server_cpu_pct": round(100 * cpu / elapsed, 1),
         "background_cpus": background,
     }
+    numbers = [{part: float(value) for part, value in turn.items()  # type: ignore[arg-type]
+                if part in PARTS and isinstance(value, int | float)} for turn in per_turn]
     for part in PARTS:
-        row[f"{part.removesuffix('_ms')}_p95_ms"] = percentile(server_parts[part], 0.95)
+        row[f"{part.removesuffix('_ms')}_p95_ms"] = percentile(
+            [turn[part] for turn in numbers if part in turn], 0.95)
     # What load changes: from the end-of-turn decision to the first audio (V2V minus the
     # end-of-turn wait, which is the turn detector's choice and the same at any load).
-    after = [float(t["v2v_ms"]) - float(t["endpoint_ms"]) for t in per_turn  # type: ignore[arg-type]
-             if isinstance(t["v2v_ms"], int | float) and isinstance(t["endpoint_ms"], int | float)]
-    row["after_eot_p95_ms"] = percentile(after, 0.95)
+    row["after_eot_p95_ms"] = percentile([turn["v2v_ms"] - turn["endpoint_ms"] for turn in numbers
+                                          if "v2v_ms" in turn and "endpoint_ms" in turn], 0.95)
     row["ok"] = unanswered == 0 and p95 is not None and p95 < args.limit_ms
     row["server_turns"] = per_turn
     return row
@@ -190,9 +188,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
             "turns": args.turns, "limit_ms": args.limit_ms, "largest_passing_n": best,
             # The server's settings that the bench leaves to the environment and that move V2V.
-            "settings": {name.upper(): os.environ.get(name.upper(), str(field.default))
-                         for name, field in Settings.model_fields.items()
-                         if name in ("prepare_lead_ms", "llm_local_parallel", "vad_resampler")},
+            "settings": {name.upper(): os.environ.get(name.upper(),
+                                                      str(Settings.model_fields[name].default))
+                         for name in ("prepare_lead_ms", "llm_local_parallel", "vad_resampler")},
             "steps": rows}
 
 

@@ -325,22 +325,21 @@ def summarize(rows: list[dict]) -> dict:
     turns = [r for r in rows if r["kind"] == "turn"]
     barge = [r for r in rows if r["kind"] == "barge"]
     delays = [r["eou_delay_ms"] for r in turns if r["eou_delay_ms"] is not None]
+    head_starts = [h for r in turns for h in r.get("head_start_ms", [])]
     out: dict = {
         "turn_fixtures": len(turns),
         "false_cutoff_rate": (sum(r["cut_off"] for r in turns) / len(turns)) if turns else None,
         "false_cutoffs": [r["name"] for r in turns if r["cut_off"]],
         "eou_delay_p50_ms": percentile(delays, 0.5),
         "eou_delay_p95_ms": percentile(delays, 0.95),
-        "eou_delay_mean_ms": round(statistics.fmean(delays), 1) if delays else None,
+        "eou_delay_mean_ms": mean(delays),
         "preemptive_started": sum(r.get("prepared", 0) for r in turns),
         "preemptive_used": sum(r.get("prepared_used", 0) for r in turns),
         # How long before the turn ended its reply was started: time the caller does not wait
         # (about nothing for a turn that looked complete at once: its evidence comes in just
         # before the end; up to the lead for one prepared before a long wait ran out).
-        "preemptive_head_start_mean_ms": mean(
-            [h for r in turns for h in r.get("head_start_ms", [])]),
-        "preemptive_head_start_max_ms": max(
-            [h for r in turns for h in r.get("head_start_ms", [])], default=None),
+        "preemptive_head_start_mean_ms": mean(head_starts),
+        "preemptive_head_start_max_ms": max(head_starts, default=None),
     }
     for category in ("noise", "echo", "backchannel"):
         group = [r for r in barge if r["category"] == category and r["expect"] == "continue"]

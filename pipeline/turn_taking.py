@@ -203,23 +203,9 @@ class TurnTaking:
                 and listener.voiced_ms >= listener.config.min_utterance_ms):
             self._pause(listener.audio(), listener.last_voice_at, actions)
         if self.smart:
-            if self._prepared_for != self.pause_id:
-                prepare = self._prepare_before_the_end()
-                if prepare is not None:
-                    actions.append(prepare)
+            actions.extend(self._prepare_if_due())
             actions.extend(self._end_if_due(now))
         return actions
-
-    def _prepare_before_the_end(self) -> Prepare | None:
-        """`Prepare` when a long wait for more is `prepare_lead_ms` from running out."""
-        lead = self.config.prepare_lead_ms
-        text = self.detector.transcript
-        if (not lead or self._during_bot or not self._analyzing or not text
-                or not text.strip()
-                or self.listener.silence_ms + lead < self.detector.decision().budget_ms):
-            return None
-        self._prepared_for = self.pause_id
-        return Prepare(text)
 
     def _start(self, at: float, bot_audible: bool) -> None:
         self.utterance_id += 1
@@ -293,17 +279,25 @@ class TurnTaking:
         return []
 
     def _evidence_in(self, now: float) -> list[Action]:
-        """A result came in: prepare the reply if the turn now looks complete, end it if due."""
-        actions: list[Action] = []
-        decision = self.detector.decision()
-        text = self.detector.transcript
-        if (self.smart and not self._during_bot and text and text.strip()
-                and self._prepared_for != self.pause_id
-                and decision.reason in ("model_complete", "words_complete", "answer")):
-            self._prepared_for = self.pause_id
-            actions.append(Prepare(text))
+        """A result came in: prepare the reply if that is due now, end the turn if due."""
+        actions = self._prepare_if_due()
         actions.extend(self._end_if_due(now))
         return actions
+
+    def _prepare_if_due(self) -> list[Action]:
+        """`Prepare` the reply to this pause's words, once: at once when they look like a
+        complete turn, else when the wait for more is `prepare_lead_ms` from running out."""
+        text = self.detector.transcript
+        if (not self.smart or self._during_bot or not self._analyzing
+                or self._prepared_for == self.pause_id or not text or not text.strip()):
+            return []
+        decision = self.detector.decision()
+        lead = self.config.prepare_lead_ms
+        if (decision.reason not in ("model_complete", "words_complete", "answer")
+                and (not lead or self.listener.silence_ms + lead < decision.budget_ms)):
+            return []
+        self._prepared_for = self.pause_id
+        return [Prepare(text)]
 
     def _end_if_due(self, now: float) -> list[Action]:
         listener = self.listener
