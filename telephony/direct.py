@@ -8,7 +8,7 @@ is there and `receive()` for everything when it is not.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 DIRECT_TEXT = "voicebot.direct_text"
@@ -25,6 +25,10 @@ class DirectText(Protocol):
     def send_text(self, text: str) -> bool:
         """Write a text message now if the connection is open and the transport has room;
         False when it cannot (then send through ASGI, which waits for room or raises)."""
+
+    def send_texts(self, texts: Sequence[str]) -> bool:
+        """`send_text` for several messages, written together (one system call), in order:
+        all of them or, returning False, none."""
 
     def pause_reading(self) -> None:
         """Stop reading the socket (the handler has a backlog)."""

@@ -54,7 +54,10 @@ class Start:
     event: Literal["start"] = "start"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, unlike the other messages: one is made for every 20 ms of every call, and a
+# frozen dataclass's __init__ (object.__setattr__ per field) costs four times a plain one's
+# (0.8 against 0.2 µs). Nothing changes it after parsing.
+@dataclass(slots=True)
 class Media:
     stream_sid: str
     track: str
@@ -243,22 +246,34 @@ def _fast_payload(encoded: str) -> bytes | None:
 # A `media` message laid out as Twilio sends it (its keys in this order; JSON whitespace
 # allowed between tokens), read with one regular expression instead of the JSON parser and
 # dict lookups: a third of the cost. Only text whose JSON value is exactly these fields can
-# match (no escapes, every key once); anything else takes the general path below.
+# match (no escapes, every key once); anything else takes the general path below. Twilio's
+# own messages have no whitespace at all: `_MEDIA_COMPACT_RE` reads those in 0.5 µs against
+# 1.4 µs for the general layout (whose every `_WS` is a loop in the matcher). Its payload
+# takes any characters but a quote (a one-character class is the matcher's fast loop): the
+# strict base64 decode then rejects whatever is not base64 (a backslash, so any escape,
+# included), as the general layout's character class does, and the general path decides.
 _WS = r"[ \t\n\r]*"
+_SEQUENCE, _TRACK = r'"([0-9]{1,15})"', r'"([A-Za-z_]{1,32})"'
+_CHUNK = _TIMESTAMP = r'"([0-9]{1,15})"'
+_STREAM_SID = r'"([A-Za-z0-9_.-]{1,64})"'
+_MEDIA_COMPACT_RE = re.compile(
+    r'\{"event":"media","sequenceNumber":' + _SEQUENCE + r',"media":\{"track":' + _TRACK
+    + r',"chunk":' + _CHUNK + r',"timestamp":' + _TIMESTAMP + r',"payload":"([^"]*)"\},'
+    + r'"streamSid":' + _STREAM_SID + r"\}")
 _MEDIA_RE = re.compile(
     "".join((r"\{", _WS, r'"event"', _WS, ":", _WS, r'"media"', _WS, ",", _WS,
-             r'"sequenceNumber"', _WS, ":", _WS, r'"([0-9]{1,15})"', _WS, ",", _WS,
+             r'"sequenceNumber"', _WS, ":", _WS, _SEQUENCE, _WS, ",", _WS,
              r'"media"', _WS, ":", _WS, r"\{", _WS,
-             r'"track"', _WS, ":", _WS, r'"([A-Za-z_]{1,32})"', _WS, ",", _WS,
-             r'"chunk"', _WS, ":", _WS, r'"([0-9]{1,15})"', _WS, ",", _WS,
-             r'"timestamp"', _WS, ":", _WS, r'"([0-9]{1,15})"', _WS, ",", _WS,
+             r'"track"', _WS, ":", _WS, _TRACK, _WS, ",", _WS,
+             r'"chunk"', _WS, ":", _WS, _CHUNK, _WS, ",", _WS,
+             r'"timestamp"', _WS, ":", _WS, _TIMESTAMP, _WS, ",", _WS,
              r'"payload"', _WS, ":", _WS, r'"([A-Za-z0-9+/]*={0,2})"', _WS, r"\}", _WS, ",",
-             _WS, r'"streamSid"', _WS, ":", _WS, r'"([A-Za-z0-9_.-]{1,64})"', _WS, r"\}",
+             _WS, r'"streamSid"', _WS, ":", _WS, _STREAM_SID, _WS, r"\}",
              _WS)))
 
 
 def _media_by_layout(text: str) -> Media | None:
-    match = _MEDIA_RE.fullmatch(text)
+    match = _MEDIA_COMPACT_RE.fullmatch(text) or _MEDIA_RE.fullmatch(text)
     if match is None:
         return None
     sequence, track, chunk, timestamp, encoded, stream_sid = match.groups()

@@ -24,7 +24,8 @@ from telephony.messages import clear_message, mark_message, media_message
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[str], Awaitable[None]]
+# Sends text messages in order; several given at once go out together (one write).
+Send = Callable[..., Awaitable[None]]
 
 
 class TwilioPlayout:
@@ -141,8 +142,8 @@ class TwilioPlayout:
             start = segment.sent_bytes
             chunk = segment.audio[start : start + self._chunk_bytes]
             name = str(next(self._names))
-            await self._send(media_message(self._stream_sid, chunk))
-            await self._send(mark_message(self._stream_sid, name))
+            await self._send(media_message(self._stream_sid, chunk),
+                             mark_message(self._stream_sid, name))
             upto = start + len(chunk)
             self._pending[name] = (segment, upto, len(chunk))
             self._unacked_bytes += len(chunk)

@@ -435,20 +435,22 @@ class TwilioStream:
                  info.call_sid, info.stream_sid, info.direction,
                  (time.monotonic() - started) * 1000)
 
-    async def _send(self, text: str) -> None:
-        """Send one frame, within `send_timeout_s` when that is set. A socket the peer has
-        closed meanwhile raises `WebSocketDisconnect`, like a receive would."""
+    async def _send(self, *texts: str) -> None:
+        """Send frames in order (several at once: one write, one system call), within
+        `send_timeout_s` when that is set. A socket the peer has closed meanwhile raises
+        `WebSocketDisconnect`, like a receive would."""
         direct = self._direct
         if direct is not None:
             if direct.closed:
                 # The server closed the socket itself (the peer broke the protocol) while this
                 # reply or barge-in was under way; the run loop is about to see the disconnect.
                 raise PeerDisconnected(1006)
-            if direct.send_text(text):
+            if direct.send_text(texts[0]) if len(texts) == 1 else direct.send_texts(texts):
                 return  # written at once: nothing to wait for, so no timeout to arm
         try:
             async with asyncio.timeout(self._send_timeout_s):
-                await self._ws.send_text(text)
+                for text in texts:
+                    await self._ws.send_text(text)
         except TimeoutError:
             self.end("send_timeout")
             raise SendTimeout(self._send_timeout_s or 0.0) from None

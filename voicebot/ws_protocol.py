@@ -15,10 +15,11 @@ pings, close and disconnect — goes the usual way, so the app's `receive()` sti
 end of the connection. Without the extension (another ASGI server, Starlette's test client)
 the app uses `receive()` for everything, as before.
 
-Sending has a direct path too: `DirectText.send_text` writes a text frame to the transport
-at once (what uvicorn's `send` does for `websocket.send`, without the ASGI message, the
-`websockets` frame objects and an await), when the connection is open and the transport is
-not asking writers to wait; otherwise it returns False and the app sends through ASGI.
+Sending has a direct path too: `DirectText.send_text` writes a text frame to the transport at
+once (what uvicorn's `send` does for `websocket.send`, without the ASGI message, the
+`websockets` frame objects and an await), and `send_texts` several in one write, when the
+connection is open and the transport is not asking writers to wait; otherwise it returns
+False and the app sends through ASGI.
 
 The handler owns flow control: `pause_reading()` stops reading the socket while it has a
 backlog, `resume_reading()` starts again.
@@ -32,7 +33,7 @@ ping, pong, close, binary, a fragment, an oversized or malformed one — is hand
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import apply_mask
@@ -66,7 +67,10 @@ class DirectText:
         return protocol.close_sent or protocol.disconnected
 
     def send_text(self, text: str) -> bool:
-        return self._protocol.send_text_now(text)
+        return self._protocol.send_text_now((text,))
+
+    def send_texts(self, texts: Sequence[str]) -> bool:
+        return self._protocol.send_text_now(texts)
 
     def pause_reading(self) -> None:
         self._protocol.pause_direct()
@@ -178,24 +182,29 @@ class DirectTextProtocol(WebSocketsSansIOProtocol):
         self.frames = []
         handler(text)
 
-    def send_text_now(self, text: str) -> bool:
-        """Write one text frame now, as `send({"type": "websocket.send"})` would (unmasked,
-        final, uncompressed), when the connection is open and the transport has room; False
-        otherwise, and the caller sends through ASGI (which waits for room, or raises)."""
+    def send_text_now(self, texts: Sequence[str]) -> bool:
+        """Write text frames now, as `send({"type": "websocket.send"})` would (unmasked,
+        final, uncompressed), all in one transport write (a media chunk and its mark cost one
+        `send` system call, not two), when the connection is open and the transport has
+        room; False otherwise, and the caller sends through ASGI (which waits for room, or
+        raises)."""
         if (self.close_sent or self.disconnected or not self.handshake_complete
                 or self.initial_response is not None or not self.writable.is_set()
                 or self.conn.state is not State.OPEN or self.conn.extensions
                 or self.transport.is_closing()):
             return False
-        payload = text.encode()
-        n = len(payload)
-        if n < 126:
-            header = bytes((0x81, n))
-        elif n < 65536:
-            header = b"\x81\x7e" + n.to_bytes(2, "big")
-        else:
-            header = b"\x81\x7f" + n.to_bytes(8, "big")
-        self.transport.write(header + payload)
+        parts: list[bytes] = []
+        for text in texts:
+            payload = text.encode()
+            n = len(payload)
+            if n < 126:
+                parts.append(bytes((0x81, n)))
+            elif n < 65536:
+                parts.append(b"\x81\x7e" + n.to_bytes(2, "big"))
+            else:
+                parts.append(b"\x81\x7f" + n.to_bytes(8, "big"))
+            parts.append(payload)
+        self.transport.write(b"".join(parts))
         return True
 
     def pause_direct(self) -> None:

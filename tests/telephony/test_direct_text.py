@@ -8,7 +8,7 @@ the server's."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -127,6 +127,48 @@ async def test_direct_sends_arrive_in_order_with_asgi_sends_until_the_close() ->
     assert refused == [False]
 
 
+class _CountingTransport:
+    """The server's transport, with its writes recorded."""
+
+    def __init__(self, transport: Any, written: list[bytes]) -> None:
+        self._transport = transport
+        self._written = written
+
+    def write(self, data: bytes) -> None:
+        self._written.append(data)
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+async def test_messages_sent_together_arrive_whole_and_in_order() -> None:
+    sizes = (10, 125, 126, 65535, 65536, 3)
+    texts = [str(index) + "x" * (size - 1) for index, size in enumerate(sizes)]
+    written: list[bytes] = []
+    done = asyncio.Event()
+
+    async def endpoint(websocket: WebSocket) -> None:
+        direct = websocket.scope["extensions"][DIRECT_TEXT]
+        await websocket.accept()
+        protocol = direct._protocol
+        transport = protocol.transport
+        protocol.transport = _CountingTransport(transport, written)
+        assert direct.send_texts(texts)
+        protocol.transport = transport
+        await websocket.close()
+        done.set()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+    async with running_server(app) as base:
+        async with websockets.connect(base.replace("http", "ws") + "/ws",
+                                      max_size=1 << 20, compression=None) as ws:
+            got = [message async for message in ws]
+        await asyncio.wait_for(done.wait(), 5)
+    assert got == texts
+    assert len(written) == 1  # one write (one system call) for all of them
+
+
 async def test_without_the_extension_the_stream_uses_receive() -> None:
     """Another ASGI server: no handle in the scope, `receive()` for everything."""
     socket = _FakeSocket(direct=None)
@@ -148,6 +190,7 @@ class _FakeDirect:
         self.resumed = 0
         self.writable = True
         self.sent: list[str] = []
+        self.writes: list[int] = []  # messages per write
 
     def attach(self, handler: Callable[[str], None]) -> None:
         self.handler = handler
@@ -167,8 +210,12 @@ class _FakeDirect:
         return False
 
     def send_text(self, text: str) -> bool:
+        return self.send_texts((text,))
+
+    def send_texts(self, texts: Sequence[str]) -> bool:
         if self.writable:
-            self.sent.append(text)
+            self.sent.extend(texts)
+            self.writes.append(len(texts))
         return self.writable
 
     def send(self, text: str) -> None:
@@ -346,7 +393,11 @@ async def test_sends_go_direct_while_the_transport_has_room_and_through_asgi_whe
     await stream._send("two")
     direct.writable = True
     await stream._send("three")
-    assert direct.sent == ["one", "three"]
-    assert socket.sent == ["two"]
+    await stream._send("four", "five")  # a chunk and its mark: one write
+    direct.writable = False
+    await stream._send("six", "seven")
+    assert direct.sent == ["one", "three", "four", "five"]
+    assert direct.writes == [1, 1, 2]
+    assert socket.sent == ["two", "six", "seven"]
     socket.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
     await asyncio.wait_for(run, 5)

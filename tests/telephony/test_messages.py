@@ -153,6 +153,14 @@ def _laid_out(space: str = "", **fields: str) -> str:
     _laid_out(payload=""),
     _laid_out(payload=PAYLOAD[:-2] + "=="),  # padding where it does not belong
     _laid_out(payload="AAA"),  # not a multiple of 4
+    _laid_out(payload="AA-A"),  # not base64's alphabet
+    _laid_out(payload="AA\\/A"),  # an escape inside (JSON says "AA/A")
+    _laid_out(payload="AAAA\\n"),
+    _laid_out(payload="AAAA AAAA"),
+    _laid_out(payload="AAAA\n"),  # a raw control character: not JSON
+    _laid_out(payload="AAAA="),  # padding the strict decode lets through
+    _laid_out(payload="AAAA==="),
+    _laid_out(payload="AAAé"),
     _laid_out(payload="A" * 20000),  # over the size limit
     _laid_out(streamSid=""),
     _laid_out(streamSid="MZ" + "a" * 63),  # a SID too long

@@ -9,8 +9,8 @@ class Wire:
     def __init__(self) -> None:
         self.sent: list[dict] = []
 
-    async def send(self, text: str) -> None:
-        self.sent.append(json.loads(text))
+    async def send(self, *texts: str) -> None:
+        self.sent.extend(json.loads(text) for text in texts)
 
     def of(self, event: str) -> list[dict]:
         return [m for m in self.sent if m["event"] == event]
