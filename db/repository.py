@@ -242,6 +242,13 @@ class CallRepository:
         calls = [CallRecord.of(call, count) for call, count in rows]
         return CallPage(calls=calls, page=page, page_size=page_size, total=total)
 
+    async def stream_started(self, call_sid: str) -> bool:
+        """Did this call's media stream start on any of our servers (`start_call` stored it)?"""
+        async with self._sessions() as session:
+            stream_sid = await session.scalar(
+                select(Call.stream_sid).where(Call.call_sid == call_sid))
+        return stream_sid is not None
+
     async def get_call(self, call_sid: str) -> CallDetail:
         """One call with its transcript in spoken order; raises `CallNotFound`."""
         async with self._sessions() as session:

@@ -16,8 +16,10 @@ import anyio
 import httpx
 import pytest
 import websockets
+from starlette.applications import Starlette
 from websockets.exceptions import InvalidStatus
 
+from db.records import CallDetail
 from db.repository import CallNotFound
 from pipeline.conversation import Engines
 from pipeline.factory import build_vad_factory
@@ -57,9 +59,10 @@ def media_url(base: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def call_in_progress(base: str) -> AsyncIterator[websockets.ClientConnection]:
+async def call_in_progress(base: str, call_sid: str | None = None
+                           ) -> AsyncIterator[websockets.ClientConnection]:
     """A media stream that has started (the greeting is playing) until the block ends."""
-    call_sid = "CA" + uuid.uuid4().hex
+    call_sid = call_sid or "CA" + uuid.uuid4().hex
     async with websockets.connect(media_url(base)) as ws:
         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
         await ws.send(json.dumps({
@@ -103,12 +106,12 @@ async def test_a_second_call_is_refused_whichever_worker_it_reaches(
     app_one = with_capacity(create_app(one, engines=instant_engines(one)))
     app_two = with_capacity(create_app(two, engines=instant_engines(two)))
     async with running_server(app_one) as base_one, running_server(app_two) as base_two:
-        assert "<Connect>" in await voice_twiml(base_two)
+        assert "<Connect" in await voice_twiml(base_two)
         async with call_in_progress(base_one):
             # Full on both: the other worker's voice webhook is busy and its stream refused,
             # and so is a second stream on the worker holding the call.
             twiml = await voice_twiml(base_two)
-            assert "<Say>" in twiml and "<Hangup" in twiml and "<Connect>" not in twiml
+            assert "<Say>" in twiml and "<Hangup" in twiml and "<Connect" not in twiml
             assert "<Hangup" in await voice_twiml(base_one)
             assert await refused_with(base_two) == 403
             assert await refused_with(base_one) == 403
@@ -135,7 +138,7 @@ async def test_busy_twiml_and_1013_when_every_line_is_taken(
             assert "<Hangup" in twiml
             assert await refused_with(base) == 403
         await eventually(lambda: app.state.admission.local_active == 0, 5)
-        assert "<Connect>" in await voice_twiml(base)
+        assert "<Connect" in await voice_twiml(base)
         async with httpx.AsyncClient(base_url=base) as http:
             text = (await http.get("/metrics")).text
     assert 'voicebot_calls_refused_total{reason="full",where="media"} 1.0' in text
@@ -303,6 +306,19 @@ async def test_a_burst_of_new_calls_is_counted_before_the_loop_feels_it() -> Non
         await admission.stop()
 
 
+async def stored_call(app: Starlette, call_sid: str) -> CallDetail:
+    """The call as stored, once the recorder has written it (within 5 s)."""
+    async def stored() -> bool:
+        try:
+            await app.state.calls.get_call(call_sid)
+        except CallNotFound:
+            return False
+        return True
+
+    await eventually(stored, 5)
+    return await app.state.calls.get_call(call_sid)  # type: ignore[no-any-return]
+
+
 async def test_a_call_refused_at_the_voice_webhook_is_stored_with_why(
     tmp_path: Path, fake_openai: FakeOpenAi
 ) -> None:
@@ -317,15 +333,7 @@ async def test_a_call_refused_at_the_voice_webhook_is_stored_with_why(
             # Not a Twilio CallSid: refused all the same, but nothing is stored for it.
             await http.post("/twilio/voice", data={"CallSid": "x" * 500})
 
-        async def stored() -> bool:
-            try:
-                await app.state.calls.get_call(refused_sid)
-            except CallNotFound:
-                return False
-            return True
-
-        await eventually(stored, 5)
-        detail = await app.state.calls.get_call(refused_sid)
+        detail = await stored_call(app, refused_sid)
         async with httpx.AsyncClient(base_url=base) as http:
             text = (await http.get("/metrics")).text
     assert detail.call.end_reason == "refused_full" and detail.call.status == "completed"
@@ -336,19 +344,77 @@ async def test_a_call_refused_at_the_voice_webhook_is_stored_with_why(
         await app.state.calls.get_call("x" * 500)
 
 
+async def stream_ended(http: httpx.AsyncClient, call_sid: str,
+                       status: str = "in-progress") -> str:
+    """What Twilio gets from `<Connect action>` once the call's stream has ended."""
+    response = await http.post("/twilio/stream-ended",
+                               data={"CallSid": call_sid, "CallStatus": status})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/xml")
+    return response.text
+
+
+async def test_a_caller_whose_stream_was_refused_hears_the_busy_message(
+    tmp_path: Path, fake_openai: FakeOpenAi
+) -> None:
+    """The voice webhook let the call through, then its stream found every line taken (1013
+    before `accept`): Twilio asks `/twilio/stream-ended`, which answers the busy message and
+    stores the refusal; a call whose stream ran is simply hung up."""
+    settings = call_settings(tmp_path, fake_openai)  # one line
+    app = with_capacity(create_app(settings, engines=instant_engines(settings)))
+    refused_sid = "CA" + uuid.uuid4().hex
+    async with running_server(app) as base, httpx.AsyncClient(base_url=base) as http:
+        async with call_in_progress(base):
+            assert await refused_with(base) == 403
+            busy = await stream_ended(http, refused_sid)
+            # The caller hung up meanwhile: nothing to say, nothing stored.
+            gone = await stream_ended(http, "CA" + uuid.uuid4().hex, status="completed")
+
+        detail = await stored_call(app, refused_sid)
+        bad = await http.post("/twilio/stream-ended", data={"CallSid": "x" * 40})
+        text = (await http.get("/metrics")).text
+    assert "<Say>" in busy and "busy" in busy.lower() and "<Hangup" in busy
+    assert "<Say>" not in gone and "<Hangup" in gone
+    assert bad.status_code == 400
+    assert detail.call.end_reason == "refused_stream" and detail.call.status == "completed"
+    assert [(e.type, e.detail) for e in detail.events] == [
+        ("refused", {"reason": "stream", "where": "media"})]
+    assert 'voicebot_calls_ended_total{reason="refused_stream"} 1.0' in text
+
+
+async def test_a_call_whose_stream_ran_is_hung_up_when_it_ends(
+    tmp_path: Path, fake_openai: FakeOpenAi
+) -> None:
+    settings = call_settings(tmp_path, fake_openai)
+    app = with_capacity(create_app(settings, engines=instant_engines(settings)))
+    async with running_server(app) as base, httpx.AsyncClient(base_url=base) as http:
+        call_sid = "CA" + uuid.uuid4().hex
+        async with call_in_progress(base, call_sid):
+            pass
+
+        async def started() -> bool:
+            return bool(await app.state.calls.stream_started(call_sid))
+
+        await eventually(started, 5)
+        twiml = await stream_ended(http, call_sid)
+        detail = await app.state.calls.get_call(call_sid)
+    assert "<Hangup" in twiml and "<Say>" not in twiml
+    assert all(e.type != "refused" for e in detail.events)
+
+
 async def test_busy_twiml_while_the_event_loop_is_saturated(
     tmp_path: Path, fake_openai: FakeOpenAi
 ) -> None:
     settings = call_settings(tmp_path, fake_openai, max_concurrent_calls=5, shed_loop_busy=0.8)
     app = with_capacity(create_app(settings, engines=instant_engines(settings)))
     async with running_server(app) as base:
-        assert "<Connect>" in await voice_twiml(base)
+        assert "<Connect" in await voice_twiml(base)
         async with loop_kept_busy(0.95):  # the server runs on this loop too
             await eventually(lambda: app.state.admission.should_shed(), 5)
             twiml = await voice_twiml(base)
             assert "busy" in twiml.lower() and "<Hangup" in twiml
         await eventually(lambda: not app.state.admission.should_shed(), 5)
-        assert "<Connect>" in await voice_twiml(base)
+        assert "<Connect" in await voice_twiml(base)
         async with httpx.AsyncClient(base_url=base) as http:
             text = (await http.get("/metrics")).text
     assert 'voicebot_calls_refused_total{reason="overloaded",where="voice"} 1.0' in text

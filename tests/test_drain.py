@@ -82,7 +82,7 @@ async def test_sigterm_lets_the_call_in_progress_finish_then_exits(
 
         await eventually(not_ready, 5)
         twiml = (await http.post("/twilio/voice", data={"From": "+15550001111"})).text
-        assert "<Hangup" in twiml and "<Connect>" not in twiml
+        assert "<Hangup" in twiml and "<Connect" not in twiml
     assert await refused(server.media_url)
     assert server.process is not None and server.process.poll() is None  # still serving
 

@@ -501,8 +501,10 @@ def voice_guard(endpoint: HttpEndpoint) -> HttpEndpoint:
 _CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 
 
-async def record_refusal(request: Request, reason: RefusalReason) -> None:
-    """A call refused at the voice webhook goes on record like any other: a `refused` event
+async def record_refusal(request: Request, reason: RefusalReason | Literal["stream"],
+                         where: str = "voice") -> None:
+    """A call refused at the voice webhook (or whose stream was refused, `where` "media":
+    `webhooks.stream_ended`) goes on record like any other: a `refused` event
     (why) and its end, reason `refused_<why>`, so the viewer,
     `voicebot stats` and `voicebot_calls_ended_total` show it. Only a Twilio CallSid is
     recorded (the webhook's signature is checked before this, when Twilio's token is set)."""
@@ -516,7 +518,7 @@ async def record_refusal(request: Request, reason: RefusalReason) -> None:
     now = utcnow()
     # The caller's number stays out of the event: `voicebot forget` scrubs numbers from
     # calls' own columns (Twilio's status callback fills those in, when it is configured).
-    services.bus.publish(CallEvent(call_sid, "refused", {"reason": reason, "where": "voice"},
+    services.bus.publish(CallEvent(call_sid, "refused", {"reason": reason, "where": where},
                                    now))
     services.bus.publish(CallEnded(call_sid, now, f"refused_{reason}"))
 

@@ -41,6 +41,7 @@ from web.routes import web_middleware, web_routes
 from webhooks.outbound import amd_routes
 from webhooks.security import SignatureGuard
 from webhooks.status import status_routes
+from webhooks.stream_ended import stream_ended_routes
 from webhooks.stream_status import stream_status_routes
 from webhooks.voice import voice
 
@@ -176,6 +177,7 @@ def create_app(
             per_address.websocket(media_stream, exempt=signed_by_twilio(guard)))),
         *status_routes(wrap=guard.http),
         *stream_status_routes(wrap=guard.http),
+        *stream_ended_routes(wrap=guard.http),
         *amd_routes(wrap=guard.http),
         *api_routes(),
         *web_routes(),

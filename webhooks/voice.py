@@ -13,6 +13,7 @@ from starlette.responses import Response
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 MEDIA_PATH = "/twilio/media"
+STREAM_ENDED_PATH = "/twilio/stream-ended"
 
 
 def public_host(request: Request, public_url: str | None) -> str:
@@ -23,9 +24,11 @@ def public_host(request: Request, public_url: str | None) -> str:
 
 
 def stream_twiml(host: str, parameters: dict[str, str]) -> str:
-    """TwiML that connects the call to `wss://<host>/twilio/media` with `parameters`."""
+    """TwiML that connects the call to `wss://<host>/twilio/media` with `parameters`; when the
+    stream ends Twilio asks `/twilio/stream-ended` what comes next (`webhooks.stream_ended`:
+    a hang-up, or the busy message for a stream that was refused)."""
     response = VoiceResponse()
-    connect = Connect()
+    connect = Connect(action=f"https://{host}{STREAM_ENDED_PATH}", method="POST")
     # Stream status callbacks (start, stop, error) come back to /twilio/stream-status.
     stream = connect.stream(url=f"wss://{host}{MEDIA_PATH}",
                             status_callback=f"https://{host}/twilio/stream-status",

@@ -185,7 +185,7 @@ async def test_two_servers_behind_nginx_share_admission_storage_and_the_viewer(
                 async with httpx.AsyncClient(timeout=5) as http:
                     twiml = (await http.post(front + "/twilio/voice",
                                              data={"From": "+15550001111"})).text
-                assert "<Hangup" in twiml and "<Connect>" not in twiml
+                assert "<Hangup" in twiml and "<Connect" not in twiml
             placed.append(held)
 
             # Both servers write to the one database: each lists every call.

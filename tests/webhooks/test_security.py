@@ -15,6 +15,7 @@ from twilio.request_validator import RequestValidator
 
 from tests.fakes.loopback import LoopbackServer
 from webhooks.security import SignatureGuard, TrustedProxies, verify_http
+from webhooks.stream_ended import stream_ended_routes
 from webhooks.stream_status import stream_status_routes
 from webhooks.voice import voice
 
@@ -46,6 +47,7 @@ def make_app(guard: SignatureGuard, public_url: str | None = PUBLIC) -> tuple[St
     routes = [
         Route("/twilio/voice", guard.http(voice), methods=["GET", "POST"]),
         *stream_status_routes(wrap=guard.http),
+        *stream_ended_routes(wrap=guard.http),
         WebSocketRoute("/twilio/media", guard.websocket(media)),
     ]
     app = Starlette(routes=routes)
@@ -223,6 +225,24 @@ def test_stream_status_callback_is_validated_and_recorded() -> None:
                          "stream_name": None, "event": "stream-error",
                          "error": "Connection refused",
                          "timestamp": "2026-01-01T10:00:00.000Z"}]
+
+
+def test_the_stream_ended_callback_is_validated() -> None:
+    """`<Connect action>`: what the caller hears next is only told to Twilio."""
+    app, _ = make_app(SignatureGuard.from_settings(settings()))
+
+    class _Calls:
+        async def stream_started(self, call_sid: str) -> bool:
+            return True
+
+    app.state.calls = _Calls()
+    form = {**CALL, "CallStatus": "in-progress"}
+    client = TestClient(app)
+    assert client.post("/twilio/stream-ended", data=form).status_code == 403
+    signature = sign(f"{PUBLIC}/twilio/stream-ended", form)
+    response = client.post("/twilio/stream-ended", data=form,
+                           headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 200 and "<Hangup" in response.text
 
 
 def test_stream_status_with_an_unknown_event_is_a_400() -> None:

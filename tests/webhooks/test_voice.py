@@ -26,6 +26,11 @@ def test_twiml_connects_to_the_media_stream_with_parameters() -> None:
     assert stream.get("url") == "wss://bot.example.com/twilio/media"
     params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
     assert params == {"from": "+1555", "to": "+1666"}
+    # When the stream ends Twilio asks what next (a hang-up, or the busy message).
+    connect = root.find("./Connect")
+    assert connect is not None
+    assert connect.get("action") == "https://bot.example.com/twilio/stream-ended"
+    assert connect.get("method") == "POST"
 
 
 def test_voice_webhook_uses_public_url_host() -> None:
