@@ -1,8 +1,8 @@
 """Call control over Twilio: REST when credentials are configured, else the stream itself.
 
 Hanging up ends the call through the REST API (an already-ended call is fine) and closes the
-stream; without credentials, closing the WebSocket ends a `<Connect><Stream>` call as long as
-no TwiML follows `<Connect>`. A transfer redirects the live call to TwiML with `<Dial>`; that
+stream; without credentials, closing the WebSocket ends the `<Connect>`, and Twilio's request
+to its action (`webhooks.stream_ended`) gets a hang-up for a stream that ran. A transfer redirects the live call to TwiML with `<Dial>`; that
 needs the REST API.
 """
 
