@@ -196,6 +196,19 @@ async def test_two_servers_behind_nginx_share_admission_storage_and_the_viewer(
                         return set(placed) <= {c["call_sid"] for c in listed["calls"]}
 
                     await eventually(lists_all, 10, interval_s=0.1)
+
+                # When a stream ends, either server tells Twilio what comes next from the
+                # shared database: a hang-up for the calls that ran (whichever server took
+                # them), the busy message for a stream that never started.
+                refused_sid = "CA" + uuid.uuid4().hex
+                for base in (s.base_url for s in servers):
+                    for call_sid in placed:
+                        twiml = (await http.post(base + "/twilio/stream-ended", data={
+                            "CallSid": call_sid, "CallStatus": "in-progress"})).text
+                        assert "<Hangup" in twiml and "<Say>" not in twiml, (base, call_sid)
+                busy = (await http.post(front + "/twilio/stream-ended", data={
+                    "CallSid": refused_sid, "CallStatus": "in-progress"})).text
+                assert "<Say>" in busy and "<Hangup" in busy
     finally:
         for server in servers:
             server.kill()
