@@ -68,9 +68,12 @@ async def stream_ended(request: Request) -> Response:
     if form.get("CallStatus", "in-progress") != "in-progress":
         return _twiml(hangup_twiml())  # the call is over: nothing would be heard
     state = request.app.state
+    calls = getattr(state, "calls", None)  # the lifespan sets it; absent while starting up
+    if calls is None:
+        return _twiml(hangup_twiml())
     try:
-        started = await state.calls.stream_started(call_sid)
-    except (SQLAlchemyError, OSError) as exc:
+        started = await calls.stream_started(call_sid)
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
         log.warning("stream-ended: cannot read the call call_sid=%s: %s", call_sid, exc)
         return _twiml(hangup_twiml())
     if started:
