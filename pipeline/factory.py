@@ -50,7 +50,11 @@ def build_tts(settings: Settings) -> TextToSpeech:
 
 
 def build_vad_factory(settings: Settings, kind: str = "silero"):
-    """A factory of per-call VADs sharing one loaded model."""
+    """A factory of per-call VADs sharing one loaded model. Also reads soxr's block schedule
+    for the listeners' 8 -> 16 kHz streams now (13 ms, once), not in a call's first frame."""
+    from media.resample import StreamResampler
+
+    StreamResampler.prepare(8000, 16000)
     if kind == "energy":
         return lambda: EnergyVad()
     session = SileroSession()

@@ -31,7 +31,6 @@ WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms
 # In the middle of a caller's speech, voiced windows may wait for this many to be scored in
 # one model run (`Listener.feed`'s `hold`).
 HOLD_WINDOWS = 3
-_INT16_SCALE = np.float32(1.0 / 32768.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +165,7 @@ class Listener:
         so a threshold of silence longer than the windows that waited (96 ms; the shortest,
         the speculative pause, is 200) is crossed on the same frame as without holding."""
         now = time.monotonic() if now is None else now
-        audio = self._resampler.process(np.multiply(pcm8k, _INT16_SCALE, dtype=np.float32))
+        audio = self._resampler.process(pcm8k)  # int16 in, float32 [-1, 1) out
         if not audio.size:
             # soxr hands its output over in blocks (about every fifth frame): until then
             # there is no new window, and the pending samples stay as they are.

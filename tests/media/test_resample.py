@@ -75,3 +75,52 @@ def test_the_halfband_upsampler_keeps_the_band_and_rejects_the_images() -> None:
     as_int = HalfbandUpsampler().process((_sine(8000, 0.1) * 32767).astype(np.int16))
     as_float = HalfbandUpsampler().process(_sine(8000, 0.1))
     assert np.max(np.abs(as_int - as_float)) < 1e-4
+
+
+def test_held_chunks_give_the_same_samples_at_the_same_calls_as_soxr_fed_every_chunk() -> None:
+    """`StreamResampler` holds what cannot complete soxr's next block: every `process` call
+    returns exactly what a soxr stream fed every chunk returns for it, frames, quiet blocks
+    of ten frames and odd sizes alike, int16 in."""
+    import soxr
+
+    from media.resample import _emission_schedule
+
+    assert _emission_schedule(8000, 16000, "float32") == (927, 830)
+    rng = np.random.default_rng(7)
+    sizes = [160] * 40 + [1600, 160, 160, 1600, 1600] + [int(n) for n in rng.integers(1, 900, 60)]
+    pcm = (rng.standard_normal(sum(sizes)) * 3000).astype(np.int16)
+    held = StreamResampler(8000, 16000)
+    inner = held._stream
+    assert inner is not None
+    soxr_calls: list[int] = []
+    real = inner.resample_chunk
+
+    def counted(x: np.ndarray, last: bool = False) -> np.ndarray:
+        out = real(x, last)
+        soxr_calls.append(out.size)
+        return out
+
+    inner.resample_chunk = counted  # type: ignore[method-assign]
+    every = soxr.ResampleStream(8000, 16000, 1, dtype="float32", quality="HQ")
+    at = 0
+    calls_with_output = 0
+    for size in sizes:
+        chunk = pcm[at:at + size]
+        at += size
+        want = every.resample_chunk(chunk.astype(np.float32) / np.float32(32768.0))
+        got = held.process(chunk)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+        calls_with_output += bool(want.size)
+    assert calls_with_output > 20
+    assert len(soxr_calls) == calls_with_output and 0 not in soxr_calls  # never called in vain
+    np.testing.assert_array_equal(held.flush(), every.resample_chunk(
+        np.zeros(0, dtype=np.float32), last=True))
+
+
+def test_a_stream_cut_short_flushes_what_it_held() -> None:
+    signal = _sine(8000, 0.05)  # 400 samples: less than the first block
+    stream = StreamResampler(8000, 16000)
+    assert stream.process(signal).size == 0
+    whole = resample(signal, 8000, 16000)
+    assert abs(stream.flush().size - whole.size) <= 2
