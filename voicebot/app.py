@@ -29,7 +29,7 @@ from pipeline.conversation import Engines
 from pipeline.events import CallEvent
 from pipeline.work_queue import install_work_queues
 from telephony.rest import TwilioRest
-from voicebot.admission import Admission, build_admission, voice_guard
+from voicebot.admission import Admission, build_admission, record_refusal, voice_guard
 from voicebot.limits import BodyLimit, CallsPerAddress, signed_by_twilio
 from voicebot.media_endpoint import serve_media_stream
 from voicebot.metrics import CallMetrics, metrics_endpoint
@@ -185,6 +185,8 @@ def create_app(
     middleware = [Middleware(BodyLimit, max_bytes=settings.max_body_bytes), *web_middleware()]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.calls_per_address = per_address
+    # A stream refused before `accept` is stored when Twilio asks /twilio/stream-ended.
+    app.state.on_stream_refused = lambda request: record_refusal(request, "stream", "media")
     app.state.settings = settings
     app.state.signature_guard = guard
     if settings.twilio_account_sid and settings.twilio_auth_token:

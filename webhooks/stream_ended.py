@@ -11,8 +11,8 @@ the WebSocket closes (Media Streams docs), so by the time this runs, either:
   load, draining, the models still loading, all with 1013 before `accept`, when Twilio does not
   tell us which call it was). The caller would hear silence, then the line go dead; here they
   hear `BUSY_MESSAGE` and a hang-up, as a call refused at `/twilio/voice` does, and the call
-  is stored as ended `refused_stream` (a `refused` event, `where` "media",
-  `voicebot.admission.record_refusal`).
+  is stored as ended `refused_stream` (a `refused` event, `where` "media", through the
+  app's hook `app.state.on_stream_refused`).
 
 "Started" is what the database says (`CallRepository.stream_started`: the stream's `start`
 was stored, by whichever server took it). When that cannot be read (the database is down),
@@ -23,6 +23,7 @@ callbacks.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,9 @@ MAX_BODY_BYTES = 16 * 1024  # Twilio's standard request parameters: a few hundre
 _CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+# Stores the refusal (the app sets `app.state.on_stream_refused`: `voicebot.admission.
+# record_refusal`, reason "stream", where "media"); sync or async.
+RefusalHook = Callable[[Request], object]
 
 
 def hangup_twiml() -> str:
@@ -79,12 +83,14 @@ async def stream_ended(request: Request) -> Response:
     if started:
         log.info("stream ended, hanging up call_sid=%s", call_sid)
         return _twiml(hangup_twiml())
-    from voicebot.admission import DEFAULT_BUSY_MESSAGE, record_refusal
-
     log.warning("stream never started (refused): busy message call_sid=%s", call_sid)
-    await record_refusal(request, "stream", where="media")
+    hook: RefusalHook | None = getattr(state, "on_stream_refused", None)
+    if hook is not None:
+        result = hook(request)
+        if inspect.isawaitable(result):
+            await result
     message = getattr(getattr(state, "settings", None), "busy_message", None)
-    return _twiml(busy_twiml(message or DEFAULT_BUSY_MESSAGE))
+    return _twiml(busy_twiml(message) if message else hangup_twiml())
 
 
 def stream_ended_routes(wrap: Callable[[Endpoint], Endpoint] | None = None) -> list[Route]:

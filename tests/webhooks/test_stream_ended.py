@@ -40,6 +40,7 @@ def _client(calls: _Calls | None) -> tuple[TestClient, _Bus]:
     if calls is not None:
         app.state.calls = calls
     app.state.services = SimpleNamespace(bus=bus)
+    app.state.on_stream_refused = lambda request: bus.publish(("refused", request.url.path))
     app.state.settings = SimpleNamespace(busy_message="No line is free. Goodbye.")
     return TestClient(app), bus
 
@@ -51,7 +52,7 @@ def test_a_stream_that_never_started_gets_the_configured_busy_message() -> None:
     assert response.status_code == 200
     assert "<Say>No line is free. Goodbye.</Say>" in response.text
     assert "<Hangup" in response.text
-    assert [type(e).__name__ for e in bus.published] == ["CallEvent", "CallEnded"]
+    assert bus.published == [("refused", "/twilio/stream-ended")]
 
 
 def test_an_unreadable_database_hangs_up_and_stores_nothing() -> None:
