@@ -88,7 +88,9 @@ class EchoGuard:
         # the start of the stream): `near_end` is how many inbound samples have arrived;
         # playback positions are mapped onto the same axis by the wall time audio is sent.
         self._ref = np.zeros(self.size, dtype=np.float32)
-        self._near = np.zeros(self.size, dtype=np.float32)
+        # The caller's side as it came (int16): scaled to float only where a refit or a check
+        # reads it, not on every frame (most frames arrive while the bot is not recent).
+        self._near = np.zeros(self.size, dtype=np.int16)
         self.near_end = 0
         self._play_end = 0  # inbound-sample index where queued bot audio stops playing
         self._since_fit = 0
@@ -163,6 +165,10 @@ class EchoGuard:
             return np.concatenate((buffer[at:], buffer[:n - (self.size - at)]))
         return buffer[np.arange(start, end) % self.size]
 
+    def _near_span(self, start: int, end: int) -> np.ndarray:
+        """The caller's side for timeline [start, end), scaled to float32 [-1, 1)."""
+        return np.multiply(self._span(self._near, start, end), _SCALE, dtype=np.float32)
+
     def _reference(self, start: int, end: int) -> np.ndarray:
         """Bot audio on the timeline for [start, end); nothing past what has been queued."""
         ref = self._span(self._ref, start, end)
@@ -199,9 +205,8 @@ class EchoGuard:
         within -55 dBFS, `Conversation.hear`): nothing to remove, so it comes back as it is,
         but the timeline and the refits advance frame by frame, exactly as one by one."""
         n = pcm8k.size
-        near = np.multiply(pcm8k, _SCALE, dtype=np.float32)
         start = self.near_end
-        self._write(self._near, start, near)
+        self._write(self._near, start, pcm8k)
         self.stats.frames += frames
         if frames > 1:
             step = n // frames
@@ -214,6 +219,7 @@ class EchoGuard:
         no_echo = self._advance(start, n)
         if no_echo is None:
             return pcm8k  # the echo path stays known for the next reply
+        near = np.multiply(pcm8k, _SCALE, dtype=np.float32)
         e_near = float(np.dot(near, near)) + 1e-12
         if e_near <= QUIET * n:
             # Too quiet to hold an echo the VAD could hear. Subtracting a prediction from it
@@ -264,7 +270,7 @@ class EchoGuard:
         """Does the caller's side over the last `check` samples correlate with the bot's
         audio at some delay, as its echo would (however the line filters it)?"""
         n = min(self.check, end)
-        near = self._span(self._near, end - n, end)
+        near = self._near_span(end - n, end)
         ref = self._reference(end - n - self.max_delay, end + self.early)
         if float(np.dot(ref, ref)) < QUIET * n:
             return False
@@ -293,7 +299,7 @@ class EchoGuard:
         if fit < self.fit // 2:
             self._filter = None
             return
-        near = self._span(self._near, end - fit, end)
+        near = self._near_span(end - fit, end)
         if float(np.dot(near, near)) < QUIET * fit:
             return  # too quiet to learn from (no echo yet, or none at all): keep what we have
         ref = self._reference(end - fit - self.max_delay, end + self.early)
