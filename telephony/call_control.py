@@ -2,8 +2,8 @@
 
 Hanging up ends the call through the REST API (an already-ended call is fine) and closes the
 stream; without credentials, closing the WebSocket ends the `<Connect>`, and Twilio's request
-to its action (`webhooks.stream_ended`) gets a hang-up for a stream that ran. A transfer redirects the live call to TwiML with `<Dial>`; that
-needs the REST API.
+to its action (`webhooks.stream_ended`) gets a hang-up for a stream that ran. A transfer
+redirects the live call to TwiML with `<Dial>`; that needs the REST API.
 """
 
 from __future__ import annotations

@@ -445,7 +445,7 @@ class TwilioStream:
                 # The server closed the socket itself (the peer broke the protocol) while this
                 # reply or barge-in was under way; the run loop is about to see the disconnect.
                 raise PeerDisconnected(1006)
-            if direct.send_text(texts[0]) if len(texts) == 1 else direct.send_texts(texts):
+            if direct.send_texts(texts):
                 return  # written at once: nothing to wait for, so no timeout to arm
         try:
             async with asyncio.timeout(self._send_timeout_s):

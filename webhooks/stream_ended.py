@@ -36,10 +36,11 @@ from starlette.routing import Route
 from twilio.twiml.voice_response import VoiceResponse
 
 from webhooks.outbound import busy_twiml
+from webhooks.voice import STREAM_ENDED_PATH
 
 log = logging.getLogger(__name__)
 
-PATH = "/twilio/stream-ended"
+PATH = STREAM_ENDED_PATH
 MAX_BODY_BYTES = 16 * 1024  # Twilio's standard request parameters: a few hundred bytes
 _CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 

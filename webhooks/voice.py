@@ -13,7 +13,7 @@ from starlette.responses import Response
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 MEDIA_PATH = "/twilio/media"
-STREAM_ENDED_PATH = "/twilio/stream-ended"
+STREAM_ENDED_PATH = "/twilio/stream-ended"  # the <Connect>'s action: webhooks.stream_ended
 
 
 def public_host(request: Request, public_url: str | None) -> str:

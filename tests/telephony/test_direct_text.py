@@ -97,9 +97,28 @@ async def test_a_paused_direct_path_stops_reading_until_resumed() -> None:
     assert got[:-1] == ["pause"] + [f"after {index}" for index in range(20)]
 
 
+async def _messages_from(endpoint: Callable[[WebSocket], Any]) -> list[str]:
+    """Serve `endpoint` on a real server; what a client receives until the close. Without
+    compression, like Twilio (with an extension, every frame goes the usual way)."""
+    done = asyncio.Event()
+
+    async def serve(websocket: WebSocket) -> None:
+        try:
+            await endpoint(websocket)
+        finally:
+            done.set()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", serve)])
+    async with running_server(app) as base:
+        async with websockets.connect(base.replace("http", "ws") + "/ws",
+                                      max_size=1 << 20, compression=None) as ws:
+            got = [message async for message in ws]
+        await asyncio.wait_for(done.wait(), 5)
+    return got
+
+
 async def test_direct_sends_arrive_in_order_with_asgi_sends_until_the_close() -> None:
     refused: list[bool] = []
-    done = asyncio.Event()
     sizes = (10, 125, 126, 1000, 65535, 65536, 70000)  # each header length, at its edges
 
     async def endpoint(websocket: WebSocket) -> None:
@@ -113,15 +132,8 @@ async def test_direct_sends_arrive_in_order_with_asgi_sends_until_the_close() ->
                 assert direct.send_text(text)
         await websocket.close()
         refused.append(direct.send_text("after the close"))
-        done.set()
 
-    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
-    async with running_server(app) as base:
-        # Without compression, like Twilio (with an extension, every frame goes the usual way).
-        async with websockets.connect(base.replace("http", "ws") + "/ws",
-                                      max_size=1 << 20, compression=None) as ws:
-            got = [message async for message in ws]
-        await asyncio.wait_for(done.wait(), 5)
+    got = await _messages_from(endpoint)
     assert [len(text.encode()) for text in got] == list(sizes)
     assert [text[0] for text in got] == [str(index) for index in range(len(sizes))]
     assert refused == [False]
@@ -146,7 +158,6 @@ async def test_messages_sent_together_arrive_whole_and_in_order() -> None:
     sizes = (10, 125, 126, 65535, 65536, 3)
     texts = [str(index) + "x" * (size - 1) for index, size in enumerate(sizes)]
     written: list[bytes] = []
-    done = asyncio.Event()
 
     async def endpoint(websocket: WebSocket) -> None:
         direct = websocket.scope["extensions"][DIRECT_TEXT]
@@ -157,15 +168,8 @@ async def test_messages_sent_together_arrive_whole_and_in_order() -> None:
         assert direct.send_texts(texts)
         protocol.transport = transport
         await websocket.close()
-        done.set()
 
-    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
-    async with running_server(app) as base:
-        async with websockets.connect(base.replace("http", "ws") + "/ws",
-                                      max_size=1 << 20, compression=None) as ws:
-            got = [message async for message in ws]
-        await asyncio.wait_for(done.wait(), 5)
-    assert got == texts
+    assert await _messages_from(endpoint) == texts
     assert len(written) == 1  # one write (one system call) for all of them
 
 
