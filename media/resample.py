@@ -54,6 +54,12 @@ class StreamResampler:
         if in_rate != out_rate:
             _emission_schedule(in_rate, out_rate, np.dtype(dtype).name)
 
+    @property
+    def input_until_output(self) -> int:
+        """Input samples still to come before `process` gives output again: chunks that add
+        up to fewer give nothing (0 when there is no schedule: any chunk may)."""
+        return self._due - self._seen if self._schedule is not None else 0
+
     def _convert(self, samples: np.ndarray) -> np.ndarray:
         if samples.dtype == np.int16 and self._dtype == np.float32:
             return np.multiply(samples, _INT16_SCALE, dtype=np.float32)
@@ -145,6 +151,8 @@ class HalfbandUpsampler:
         phase /= phase.sum()  # unity gain at DC, as the other phase has
         self._taps = phase[::-1].astype(np.float32)  # for `np.correlate`
         self._history = np.zeros(2 * half - 1, dtype=np.float32)
+
+    input_until_output = 0  # every chunk's samples come out at once
 
     @property
     def delay_s(self) -> float:

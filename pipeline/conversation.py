@@ -83,8 +83,9 @@ class Conversation(TurnActions, Speaking):
                                 TurnDetector(uses_model=engines.turn_model is not None),
                                 TurnTakingConfig(prepare_lead_ms=config.prepare_lead_ms))
         self.echo_guard = EchoGuard()
-        self._held: list[bytes] = []  # quiet frames not listened to yet (see `hear`)
+        self._held: list[bytes] = []  # frames not listened to yet (see `hear`)
         self._quiet_run = 0  # quiet frames in a row, listened to one by one
+        self._deferred = False  # `_held` holds frames waiting for the resampler's block
         # Bot audio sent while frames were held: (frames held before it, what was sent).
         self._held_sends: list[tuple[int, list[tuple[bytes, float]]]] = []
         self._prepared: Prepared | None = None
@@ -165,17 +166,22 @@ class Conversation(TurnActions, Speaking):
         """One inbound frame of caller audio (8 kHz μ-law). Synchronous and cheap: it runs for
         every frame where the server parsed it; returns what turn-taking decided, for `act`.
 
-        A quiet frame (a listening caller on a quiet line, most of a call) is held when the
-        caller is not in an utterance and the last `QUIET_RUN` frames were quiet too;
-        `HOLD_FRAMES` of them are listened to as one block: the same audio through the same
-        steps (the bot's audio laid on the echo guard's timeline between the same frames, its
-        refits on the same frames), at a fraction of the per-frame cost. Any other frame first
-        releases what is held, so a word is heard the moment it starts."""
+        Frames are held, and listened to later as one block, in two cases: the same audio
+        through the same steps (the bot's audio laid on the echo guard's timeline between the
+        same frames, its refits on the same frames), at a fraction of the per-frame cost.
+        - A quiet frame (a listening caller on a quiet line, most of a call), when the caller
+          is not in an utterance and the last `QUIET_RUN` frames were quiet too: `HOLD_FRAMES`
+          of them make a block. Any other frame first releases what is held, so a word is
+          heard the moment it starts.
+        - Any frame that cannot complete the resampler's next block (soxr hands its output
+          over about every fifth frame) while nothing is decided between VAD windows
+          (`_may_defer`): it could only be held there, so it waits here for the frame that
+          completes the block, and the two go through as one."""
         self._track_idle(len(ulaw) / 8.0)
+        held = self._held
         if is_quiet_ulaw(ulaw):
             if (self._quiet_run >= QUIET_RUN and len(ulaw) == FRAME_BYTES
-                    and not self.listener.in_speech):
-                held = self._held
+                    and not self.listener.in_speech and not self._deferred):
                 if self._sink.has_sent:  # bot audio that went out before this frame
                     self._held_sends.append((len(held), self._sink.take_sent()))
                 held.append(ulaw)
@@ -183,11 +189,28 @@ class Conversation(TurnActions, Speaking):
             self._quiet_run += 1
         else:
             self._quiet_run = 0
-        actions = self._release() if self._held else []
+        if self._may_defer(ulaw):
+            held.append(ulaw)
+            self._deferred = True
+            if self.listener.input_until_output > FRAME_BYTES * len(held):
+                return []
+            return self._release()
+        actions = self._release() if held else []
         # The bot's voice coming back (speakerphone) is removed before anything listens.
         self._lay(self._sink.take_sent())
         actions.extend(self._listen(ulaw_to_pcm16(ulaw)))
         return actions
+
+    def _may_defer(self, ulaw: bytes) -> bool:
+        """Whether a frame may wait for the resampler's next block (`hear`): a whole frame,
+        no bot audio to lay between frames (none went out since the last one was listened
+        to, none is recent enough for the echo guard to remove), and turn-taking waiting for
+        the VAD's next window. The echo guard then gives every frame back as it came, so
+        a block is heard as its frames would have been."""
+        return (self.listener.input_until_output > 0 and len(ulaw) == FRAME_BYTES
+                and not self._sink.has_sent and not self._held_sends
+                and not self.echo_guard.bot_recent
+                and self.turns.waits_for_windows(self._sink.audible))
 
     def _lay(self, sent: list[tuple[bytes, float]]) -> None:
         """Bot audio sent: on the echo guard's timeline, by when it went out."""
@@ -195,14 +218,15 @@ class Conversation(TurnActions, Speaking):
             self.echo_guard.far_end(ulaw_to_pcm16(chunk), sent_at - self._mono0)
 
     def _release(self) -> list[Action]:
-        """Listen to the held quiet frames as one block. The echo guard takes it in parts when
-        bot audio went out while they were held, each send laid between the frames it came
-        between; quiet frames come out of it as they went in, so the listener gets the block
-        whole."""
+        """Listen to the held frames as one block. The echo guard takes it in parts when bot
+        audio went out while they were held, each send laid between the frames it came
+        between; held frames come out of it as they went in (quiet ones, or any while the bot
+        is not recent), so the listener gets the block whole."""
         held = self._held
         frames = len(held)
         block = ulaw_to_pcm16(b"".join(held))
         held.clear()
+        self._deferred = False
         done = 0
         for at, sent in self._held_sends:
             if at > done:

@@ -202,8 +202,9 @@ class EchoGuard:
         """One inbound frame (8 kHz int16) → the same frame with the bot's echo removed.
 
         `frames` > 1: a block of that many equal frames, every one of them quiet (all samples
-        within -55 dBFS, `Conversation.hear`): nothing to remove, so it comes back as it is,
-        but the timeline and the refits advance frame by frame, exactly as one by one."""
+        within -55 dBFS), or the bot not recent at its start (`Conversation.hear`): nothing to
+        remove, so it comes back as it is, but the timeline and the refits advance frame by
+        frame, exactly as one by one."""
         n = pcm8k.size
         start = self.near_end
         self._write(self._near, start, pcm8k)

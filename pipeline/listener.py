@@ -138,6 +138,12 @@ class Listener:
     def last_voice_at(self) -> float:
         return self._last_voice_at
 
+    @property
+    def input_until_output(self) -> int:
+        """8 kHz samples still to come before `feed` can score a window: audio that adds up
+        to fewer is only held by the resampler (soxr's blocks), and decides nothing."""
+        return self._resampler.input_until_output
+
     def audio(self) -> np.ndarray:
         """The current utterance so far (16 kHz float), trimmed like a pause's audio."""
         return self._audio()

@@ -207,6 +207,14 @@ class TurnTaking:
             actions.extend(self._end_if_due(now))
         return actions
 
+    def waits_for_windows(self, bot_audible: bool) -> bool:
+        """True when `feed` decides nothing until the listener scores another window: the bot
+        is not audible and no barge-in is being judged. Every other decision in `feed` is
+        made on the listener's events, or on its silence, which only grows with windows;
+        results that come in between (a transcript, the model's verdict) are acted on as
+        they arrive (`_evidence_in`). Only a barge-in's tracker looks at the clock."""
+        return not bot_audible and self._tracker is None
+
     def _start(self, at: float, bot_audible: bool) -> None:
         self.utterance_id += 1
         self._during_bot = bot_audible

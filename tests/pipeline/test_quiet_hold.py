@@ -50,11 +50,13 @@ def _conversation(silero: SileroSession) -> Conversation:
     return Conversation(CallInfo("CA1", "MZ1"), engines, _Sink(), EventBus(), config)
 
 
-def _listen(silero: SileroSession, frames: list[bytes]) -> tuple[list[tuple[int, str, Any]],
-                                                                 int, Conversation]:
+def _listen(silero: SileroSession, frames: list[bytes], defer: bool = True
+            ) -> tuple[list[tuple[int, str, Any]], int, Conversation]:
     """Every action with the frame it came on (audio in place of timestamps), and how many
-    times turn-taking was fed."""
+    times turn-taking was fed. `defer=False`: no frame waits for the resampler's block."""
     conversation = _conversation(silero)
+    if not defer:
+        conversation._may_defer = lambda ulaw: False  # type: ignore[method-assign]
     feeds = 0
     feed = conversation.turns.feed
 
@@ -74,12 +76,18 @@ def _listen(silero: SileroSession, frames: list[bytes]) -> tuple[list[tuple[int,
     return seen, feeds, conversation
 
 
-def test_held_quiet_frames_lead_to_the_same_decisions_on_the_same_frames(
-        silero: SileroSession, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("hold_quiet", "defer"), [(True, False), (False, True), (True, True)])
+def test_held_frames_lead_to_the_same_decisions_on_the_same_frames(
+        silero: SileroSession, monkeypatch: pytest.MonkeyPatch, hold_quiet: bool,
+        defer: bool) -> None:
+    """Quiet frames held in blocks, frames waiting for the resampler's block, or both: the
+    same actions on the same frames, with the same audio, as every frame one by one."""
     frames = _caller_line()
-    held, held_feeds, holding = _listen(silero, frames)
+    if not hold_quiet:
+        monkeypatch.setattr(conversation_module, "QUIET_RUN", 10**9)
+    held, held_feeds, holding = _listen(silero, frames, defer)
     monkeypatch.setattr(conversation_module, "QUIET_RUN", 10**9)  # never hold
-    plain, plain_feeds, one_by_one = _listen(silero, frames)
+    plain, plain_feeds, one_by_one = _listen(silero, frames, defer=False)
 
     assert [(i, kind) for i, kind, _ in held] == [(i, kind) for i, kind, _ in plain]
     assert [kind for _, kind, _ in plain].count("TurnEnded") == 2  # both utterances heard
@@ -88,14 +96,58 @@ def test_held_quiet_frames_lead_to_the_same_decisions_on_the_same_frames(
         if a is not None:
             assert np.array_equal(a, b)  # the same audio, sample for sample
     assert one_by_one.echo_guard.near_end == len(frames) * 160
-    still_held = len(holding._held)  # the line's last quiet frames, not a whole block yet
+    still_held = len(holding._held)  # the line's last frames, not a whole block yet
     assert 0 < still_held < conversation_module.HOLD_FRAMES
     assert holding.echo_guard.near_end == (len(frames) - still_held) * 160
     assert holding.echo_guard.stats.frames == len(frames) - still_held
-    # Three quarters of this line is quiet, but the silence that ends each turn is listened
-    # to frame by frame (the caller is still in an utterance): 509 feeds against 682.
+    assert holding.listener.in_speech == one_by_one.listener.in_speech
     assert plain_feeds == len(frames)
-    assert held_feeds < len(frames) * 0.8
+    if hold_quiet and not defer:
+        # Three quarters of this line is quiet, but the silence that ends each turn is
+        # listened to frame by frame (the caller is still in an utterance): 509 feeds
+        # against 682.
+        assert held_feeds < len(frames) * 0.8
+    if defer:
+        # Turn-taking is fed once per resampler block (about every fifth frame) wherever
+        # the bot is silent, as here, quiet frames or not.
+        assert held_feeds < len(frames) * (0.35 if hold_quiet else 0.25)
+
+
+def test_frames_wait_for_the_one_that_completes_the_resamplers_block(
+        silero: SileroSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's words: each frame that cannot complete soxr's next block waits, and goes
+    to the listener with the frame that does, in one feed."""
+    monkeypatch.setattr(conversation_module, "QUIET_RUN", 10**9)  # no quiet blocks
+    words = _frames(read_wav(FIXTURES / "one_two_three.wav", 8000))
+    conversation = _conversation(silero)
+    # The call's first 0.7 s count as just after the bot's audio (none has gone out): each
+    # frame is listened to at once, as it is whenever the echo guard may have work.
+    for _ in range(35):
+        conversation.hear(ulaw_silence(20))
+        assert conversation._held == []
+    for _ in range(5):
+        conversation.hear(ulaw_silence(20))
+    waiting = len(conversation._held)
+    assert waiting  # from here on, frames wait
+    fed: list[int] = []
+    feed = conversation.turns.feed
+
+    def recording_feed(pcm8k: np.ndarray, *args: Any) -> Any:
+        fed.append(pcm8k.size)
+        return feed(pcm8k, *args)
+
+    conversation.turns.feed = recording_feed  # type: ignore[method-assign]
+    for frame in words:
+        held_before = len(conversation._held)
+        due = conversation.listener.input_until_output
+        conversation.hear(frame)
+        if due > 160 * (held_before + 1):
+            assert len(conversation._held) == held_before + 1  # waits
+        else:
+            assert conversation._held == []  # released with the frame that completes it
+    # soxr's blocks: 927 samples in, then every 830: blocks of five or six frames.
+    assert set(fed) <= {800, 960}
+    assert sum(fed) + 160 * len(conversation._held) == 160 * (waiting + len(words))
 
 
 def _hold_some(conversation: Conversation) -> None:
@@ -109,8 +161,11 @@ def _hold_some(conversation: Conversation) -> None:
 
 
 def test_a_word_after_held_frames_is_heard_on_its_first_frame(silero: SileroSession) -> None:
+    """Held quiet frames are released by the first loud one (here not waiting for the
+    resampler's block: the test above covers that)."""
     words = _frames(read_wav(FIXTURES / "one_two_three.wav", 8000))
     conversation = _conversation(silero)
+    conversation._may_defer = lambda ulaw: False  # type: ignore[method-assign]
     _hold_some(conversation)
     first_loud = next(i for i, f in enumerate(words) if not is_quiet_ulaw(f))
     for frame in words[: first_loud + 1]:
@@ -118,10 +173,13 @@ def test_a_word_after_held_frames_is_heard_on_its_first_frame(silero: SileroSess
     assert conversation._held == []  # released with the first loud frame, before it
 
 
-async def _listen_while_the_bot_talks(silero: SileroSession) -> tuple[Conversation, int]:
+async def _listen_while_the_bot_talks(silero: SileroSession, defer: bool = True
+                                      ) -> tuple[Conversation, int]:
     """A quiet caller while the bot's audio goes out in 100 ms sends every seventh frame (at
     set times, so two runs lay it identically), then the caller's first word."""
     conversation = _conversation(silero)
+    if not defer:
+        conversation._may_defer = lambda ulaw: False  # type: ignore[method-assign]
     # A line known to have no echo: refits every 100 ms, so `_since_fit` shows on which frames
     # the bot's audio counted as recent.
     conversation.echo_guard.converge = 0
@@ -152,7 +210,7 @@ async def test_bot_audio_sent_while_frames_are_held_is_laid_between_the_same_fra
         silero: SileroSession, monkeypatch: pytest.MonkeyPatch) -> None:
     holding, most_held = await _listen_while_the_bot_talks(silero)
     monkeypatch.setattr(conversation_module, "QUIET_RUN", 10**9)  # never hold
-    one_by_one, _ = await _listen_while_the_bot_talks(silero)
+    one_by_one, _ = await _listen_while_the_bot_talks(silero, defer=False)
     assert most_held == conversation_module.HOLD_FRAMES - 1  # sends did not split the blocks
     a, b = holding.echo_guard, one_by_one.echo_guard
     assert a._far_total == b._far_total == 6 * 800
