@@ -333,6 +333,11 @@ def media_message(stream_sid: str, ulaw: bytes) -> str:
 
 
 def mark_message(stream_sid: str, name: str) -> str:
+    # The playout's names are counters, written out as they are (as `media_message` writes
+    # the stream's SID, checked against `_SID_CHARS` when it arrived); any other name is
+    # escaped by the JSON encoder.
+    if name.isascii() and name.isalnum():
+        return f'{{"event":"mark","streamSid":"{stream_sid}","mark":{{"name":"{name}"}}}}'
     return json.dumps({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
 
 

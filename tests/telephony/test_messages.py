@@ -118,6 +118,17 @@ def test_outbound_messages_have_twilios_shape() -> None:
     assert json.loads(clear_message(SID)) == {"event": "clear", "streamSid": SID}
 
 
+@pytest.mark.parametrize("name", ["7", "1234567890", "reply-3", 'a"b', "a\\b", "ü", "",
+                                  "x\ny"])
+def test_a_mark_name_comes_back_as_it_was_sent(name: str) -> None:
+    """Counter names are written out as they are, anything else escaped."""
+    message = mark_message(SID, name)
+    assert json.loads(message) == {"event": "mark", "streamSid": SID, "mark": {"name": name}}
+    if name.isascii() and name.isalnum():  # the playout's counters: no encoder
+        assert message == json.dumps(
+            {"event": "mark", "streamSid": SID, "mark": {"name": name}}, separators=(",", ":"))
+
+
 # -- the media fast path: Twilio's layout read by one regular expression ---------------------
 
 
