@@ -132,7 +132,12 @@ class BenchStats:
         if ms > self.late_ms:
             self.late += 1
 
-    def snapshot(self, active_calls: int, final: bool = False) -> dict[str, Any]:
+    def snapshot(self, active_calls: int, final: bool = False, light: bool = False
+                 ) -> dict[str, Any]:
+        """The counters as `merge` reads them. `light`: without the lag histogram and the
+        loop's samples (the periodic report, written four times a second, from which the
+        bench reads only the frame count; dumping the window's whole history there cost a
+        few per cent of a worker by the end of the window)."""
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "pid": os.getpid(),
@@ -140,7 +145,7 @@ class BenchStats:
             "frames": self.frames,
             "window_s": time.monotonic() - self.t0,
             "cpu_s": usage.ru_utime + usage.ru_stime - self.cpu0,
-            "hist": {str(i): n for i, n in enumerate(self.hist) if n},
+            "hist": {} if light else {str(i): n for i, n in enumerate(self.hist) if n},
             "lag_max_ms": self.lag_max,
             "late_frames": self.late,
             "before_late_frames": self.before_late,
@@ -148,8 +153,8 @@ class BenchStats:
             "work_s": self.work_s,
             "work_max_ms": self.work_max * 1000,
             "slow_frames": self.slow,
-            "loop_lags": self.loop_lags,
-            "loop_busy": self.loop_busy,
+            "loop_lags": [] if light else self.loop_lags,
+            "loop_busy": [] if light else self.loop_busy,
             "active_calls": active_calls,
             "max_rss_mb": usage.ru_maxrss / 1024,
             "gc_s": self.gc_s,
@@ -277,7 +282,7 @@ async def _report_loop(app: Starlette, directory: Path) -> None:
         if end != seen_end:
             seen_end = end
             _write_whole(directory / f"{pid}.final.json", STATS.snapshot(active, True))
-        _write_whole(directory / f"{pid}.json", STATS.snapshot(active))
+        _write_whole(directory / f"{pid}.json", STATS.snapshot(active, light=True))
 
 
 def _write_whole(path: Path, snapshot: dict) -> None:  # type: ignore[type-arg]
