@@ -13,11 +13,20 @@ worker stops admitting (`/readyz` answers 503, `/twilio/voice` busy TwiML, new m
 1013), waits until its calls have ended or `DRAIN_GRACE_S` has passed, and only then lets
 uvicorn shut down. A second Ctrl-C leaves at once. The supervisor forwards SIGTERM to every
 worker and exits when they all have; it restarts a worker that dies on its own.
+
+Two bounds make sure a worker does exit. Once its shutdown has begun, a watchdog thread gives it
+`EXIT_LIMIT_S` (uvicorn's own graceful shutdown and the app's lifespan fit well inside): a
+worker still there then logs every task left on its loop, with where each is waiting, and
+leaves with `os._exit`. And a worker asks the kernel for SIGTERM when its supervisor dies
+(`PR_SET_PDEATHSIG`), so a supervisor killed outright does not leave workers serving on its
+port, with no one to stop them.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -27,6 +36,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
@@ -42,6 +52,9 @@ log = logging.getLogger(__name__)
 FACTORY = "voicebot.workers:create_app_from_env"
 LISTEN_HOST_ENV = "VOICEBOT_LISTEN_HOST"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+# How long a worker may take to exit once its shutdown has begun (after the drain): uvicorn's
+# graceful shutdown (5 s), the app's lifespan and cancelling what is left fit well inside.
+EXIT_LIMIT_S = 30.0
 
 
 def create_app_from_env() -> Any:
@@ -80,6 +93,10 @@ class DrainingServer(uvicorn.Server):
         self._admission: Any = None
         self._next_report = 0.0
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        _exit_watchdog(asyncio.get_running_loop(), EXIT_LIMIT_S)
+        await super().shutdown(sockets)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
             super().handle_exit(sig, frame)  # already shutting down: uvicorn's own rules
@@ -115,10 +132,68 @@ class DrainingServer(uvicorn.Server):
                      self._deadline - now)
 
 
+def _exit_watchdog(loop: asyncio.AbstractEventLoop, limit_s: float) -> threading.Thread:
+    """A daemon thread that ends this process `limit_s` from now if it is still running: it
+    first has the loop log the tasks still on it (what kept the worker from exiting), then
+    leaves with exit code 1. A process that exits in time takes the thread with it."""
+
+    def log_tasks() -> None:
+        tasks = asyncio.all_tasks(loop)
+        log.error("worker did not exit within %.0f s of its shutdown; %d task(s) left:",
+                  limit_s, len(tasks))
+        for task in tasks:
+            frames = task.get_stack(limit=8)
+            where = " <- ".join(f"{f.f_code.co_name} ({os.path.basename(f.f_code.co_filename)}"
+                                f":{f.f_lineno})" for f in reversed(frames))
+            log.error("  %s: %s", task.get_name(), where or task.get_coro())
+
+    def watch() -> None:
+        time.sleep(limit_s)
+        logged = threading.Event()
+
+        def log_and_signal() -> None:
+            try:
+                log_tasks()
+            finally:
+                logged.set()
+
+        try:
+            loop.call_soon_threadsafe(log_and_signal)
+            logged.wait(2.0)  # a loop that is stuck in a blocking call cannot answer
+        except RuntimeError:
+            pass  # the loop is closed: the process is on its way out
+        logging.shutdown()
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this process (a drain, as for the supervisor's own) when `parent` dies
+    (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request was in
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _run_worker(config: uvicorn.Config, sockets: list[socket.socket], grace_s: float,
-                log_level: str) -> None:
+                log_level: str, parent: int | None = None) -> None:
     """A worker process: its own logging, then the draining server on its socket."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    if parent is not None:
+        _die_with_parent(parent)
     try:
         DrainingServer(config, grace_s).run(sockets=sockets)
     except SystemExit:
@@ -193,7 +268,8 @@ class Supervisor:
 
     def _spawn(self, sock: socket.socket) -> Any:
         process = self._context.Process(
-            target=_run_worker, args=(self.config, [sock], self.grace_s, self.log_level),
+            target=_run_worker,
+            args=(self.config, [sock], self.grace_s, self.log_level, os.getpid()),
             name="voicebot-worker",
         )
         process.start()
