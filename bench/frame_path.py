@@ -12,6 +12,7 @@ frame; the turn-taking actions it returns are not carried out, so no reply is sp
 
     .venv/bin/python bench/frame_path.py                       # 1, 20 and 200 calls
     .venv/bin/python bench/frame_path.py --calls 200 --repeats 5
+    .venv/bin/python bench/frame_path.py --calls 200 --repeats 4 --defer both
 
 A step for A/B comparisons between commits, steadier than a whole server under load (run
 both sides alternately all the same: the machine's speed drifts).
@@ -100,17 +101,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resampler", choices=["soxr", "halfband"], default="soxr",
                         help="8 -> 16 kHz for the VAD (the VAD_RESAMPLER setting)")
+    parser.add_argument("--defer", choices=["on", "off", "both"], default="on",
+                        help="frames waiting for the resampler's block (Conversation.hear): "
+                             "as shipped, never (every frame heard one by one, bar the quiet "
+                             "blocks), or both, alternated run by run in this process")
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # the actions' coroutines, never awaited
     silero = SileroSession()
-    print(f"{'calls':>6} {'µs per frame (best)':>20} {'runs':>24}")
+    shipped = Conversation._may_defer
+    modes = ["on", "off"] if args.defer == "both" else [args.defer]
+    print(f"{'calls':>6} {'defer':>6} {'µs per frame (best)':>20} {'runs':>24}")
     for n in args.calls:
-        runs = []
+        runs: dict[str, list[float]] = {mode: [] for mode in modes}
         for _ in range(args.repeats):
-            calls = make_calls(n, silero, args.resampler)
-            time_cycle(calls, second=False)  # warms up (allocations, the first fits)
-            runs.append(time_cycle(calls, second=True))
-        print(f"{n:>6} {min(runs):>20.2f} {' '.join(f'{r:.2f}' for r in runs):>24}", flush=True)
+            for mode in modes:
+                Conversation._may_defer = (  # type: ignore[method-assign]
+                    shipped if mode == "on" else lambda self, ulaw: False)
+                calls = make_calls(n, silero, args.resampler)
+                time_cycle(calls, second=False)  # warms up (allocations, the first fits)
+                runs[mode].append(time_cycle(calls, second=True))
+        for mode, times in runs.items():
+            print(f"{n:>6} {mode:>6} {min(times):>20.2f} "
+                  f"{' '.join(f'{r:.2f}' for r in times):>24}", flush=True)
+    Conversation._may_defer = shipped  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
