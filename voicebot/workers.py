@@ -14,9 +14,9 @@ worker stops admitting (`/readyz` answers 503, `/twilio/voice` busy TwiML, new m
 uvicorn shut down. A second Ctrl-C leaves at once. The supervisor forwards SIGTERM to every
 worker and exits when they all have; it restarts a worker that dies on its own.
 
-Two bounds make sure a worker does exit. Once its shutdown has begun, a watchdog thread gives it
-`EXIT_LIMIT_S` (uvicorn's own graceful shutdown and the app's lifespan fit well inside): a
-worker still there then logs every task left on its loop, with where each is waiting, and
+Two bounds make sure a worker does exit. Once its shutdown has begun, a watchdog thread gives
+its `run` `EXIT_LIMIT_S` to return (uvicorn's own graceful shutdown and the app's lifespan fit
+well inside): a worker still in it then logs every task left on its loop, with where each is waiting, and
 leaves with `os._exit`. And a worker asks the kernel for SIGTERM when its supervisor dies
 (`PR_SET_PDEATHSIG`), so a supervisor killed outright does not leave workers serving on its
 port, with no one to stop them.
@@ -92,9 +92,17 @@ class DrainingServer(uvicorn.Server):
         self._deadline: float | None = None
         self._admission: Any = None
         self._next_report = 0.0
+        self._ran: threading.Event | None = None  # the exit watchdog's stand-down
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            super().run(sockets=sockets)
+        finally:
+            if self._ran is not None:
+                self._ran.set()  # `asyncio.run` has returned: the watchdog stands down
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        _exit_watchdog(asyncio.get_running_loop(), EXIT_LIMIT_S)
+        self._ran = _exit_watchdog(asyncio.get_running_loop(), EXIT_LIMIT_S)
         await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -132,10 +140,12 @@ class DrainingServer(uvicorn.Server):
                      self._deadline - now)
 
 
-def _exit_watchdog(loop: asyncio.AbstractEventLoop, limit_s: float) -> threading.Thread:
-    """A daemon thread that ends this process `limit_s` from now if it is still running: it
-    first has the loop log the tasks still on it (what kept the worker from exiting), then
-    leaves with exit code 1. A process that exits in time takes the thread with it."""
+def _exit_watchdog(loop: asyncio.AbstractEventLoop, limit_s: float) -> threading.Event:
+    """A daemon thread that ends this process `limit_s` from now unless the returned event is
+    set first (the server's `run` returned): it has the loop log the tasks still on it (what
+    kept the worker from exiting), then leaves with exit code 1. A process that exits in time
+    takes the thread with it."""
+    ran = threading.Event()
 
     def log_tasks() -> None:
         tasks = asyncio.all_tasks(loop)
@@ -148,7 +158,8 @@ def _exit_watchdog(loop: asyncio.AbstractEventLoop, limit_s: float) -> threading
             log.error("  %s: %s", task.get_name(), where or task.get_coro())
 
     def watch() -> None:
-        time.sleep(limit_s)
+        if ran.wait(limit_s):
+            return
         logged = threading.Event()
 
         def log_and_signal() -> None:
@@ -165,9 +176,8 @@ def _exit_watchdog(loop: asyncio.AbstractEventLoop, limit_s: float) -> threading
         logging.shutdown()
         os._exit(1)
 
-    thread = threading.Thread(target=watch, name="exit-watchdog", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=watch, name="exit-watchdog", daemon=True).start()
+    return ran
 
 
 PR_SET_PDEATHSIG = 1
