@@ -62,6 +62,20 @@ class CallRecord(_Record):
 
 
 @dataclass(frozen=True, slots=True)
+class StreamEnd(_Record):
+    """What `/twilio/stream-ended` decides on (`CallRepository.stream_end`)."""
+
+    started: bool  # a media stream of the call started, on any of our servers
+    end_reason: str | None  # None while the call is on record as in progress
+    from_number: str | None
+    to_number: str | None
+    direction: str | None
+    # The stream's own parameters as its call began with them (a greeting, a system prompt:
+    # an outbound call's), from its `parameters` event; {} when it had none.
+    parameters: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class UtteranceRecord(_Record):
     """One utterance; `generated_text` is what the LLM wrote, `text` what was heard."""
 

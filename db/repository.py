@@ -31,6 +31,7 @@ from db.records import (
     CallRecord,
     EventRecord,
     MetricRecord,
+    StreamEnd,
     UtteranceRecord,
 )
 from db.writes import CallWrites, first_seen, utc
@@ -242,12 +243,22 @@ class CallRepository:
         calls = [CallRecord.of(call, count) for call, count in rows]
         return CallPage(calls=calls, page=page, page_size=page_size, total=total)
 
-    async def stream_started(self, call_sid: str) -> bool:
-        """Did this call's media stream start on any of our servers (`start_call` stored it)?"""
+    async def stream_end(self, call_sid: str) -> StreamEnd | None:
+        """How this call's media stream stands, for `/twilio/stream-ended`: did one start on
+        any of our servers (`start_call` stored it), how did the call end if it did, and the
+        stream parameters it began with (its latest `parameters` event). None: no such call."""
         async with self._sessions() as session:
-            stream_sid = await session.scalar(
-                select(Call.stream_sid).where(Call.call_sid == call_sid))
-        return stream_sid is not None
+            call = await session.scalar(select(Call).where(Call.call_sid == call_sid))
+            if call is None:
+                return None
+            parameters = await session.scalar(
+                select(CallEventRow.detail)
+                .where(CallEventRow.call_id == call.id, CallEventRow.type == "parameters")
+                .order_by(CallEventRow.at.desc(), CallEventRow.id.desc()).limit(1))
+        return StreamEnd(
+            started=call.stream_sid is not None, end_reason=call.end_reason,
+            from_number=call.from_number, to_number=call.to_number, direction=call.direction,
+            parameters={str(k): str(v) for k, v in (parameters or {}).items()})
 
     async def get_call(self, call_sid: str) -> CallDetail:
         """One call with its transcript in spoken order; raises `CallNotFound`."""

@@ -183,6 +183,7 @@ class CallWrites:
                     from_number=event.from_number,
                     to_number=event.to_number,
                     direction=event.direction,
+                    resumed=bool(event.resumed),
                 )
             case UtteranceDone():
                 await self.add_utterance(
@@ -214,13 +215,18 @@ class CallWrites:
         from_number: str | None,
         to_number: str | None,
         direction: str | None,
+        resumed: bool = False,
     ) -> None:
         call = self._calls[call_sid]
         call.stream_sid = stream_sid or call.stream_sid
         _fill_parties(call, from_number, to_number, direction)
         call.started_at = min(call.started_at, started_at)
         call.answered_at = call.answered_at or started_at
-        call.status = next_status(call.status, "in-progress")
+        if resumed:  # its stream dropped and was connected again: the call goes on
+            call.ended_at = call.end_reason = call.duration_s = None
+            call.status = "in-progress"
+        else:
+            call.status = next_status(call.status, "in-progress")
 
     def finalize_call(self, call_sid: str, *, ended_at: datetime, reason: str) -> None:
         call = self._calls[call_sid]

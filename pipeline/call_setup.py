@@ -26,6 +26,22 @@ class CallInfo:
     parameters: dict[str, str] = field(default_factory=dict)
 
 
+# Stream parameters every call has (the parties, a resume's attempt): the rest are the call's
+# own (an outbound call's greeting and system prompt), stored with it (`parameters` event) so
+# that a stream connected again after a drop gets them back.
+STANDARD_PARAMETERS = frozenset({"from", "to", "direction", "resume", "From", "To"})
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """A call whose stream dropped and was connected again (`resume` stream parameter): the
+    how-many-th time, and what was said before, as stored (webhooks/stream_ended.py)."""
+
+    attempt: int
+    transcript: tuple[tuple[str, str, bool], ...] = ()  # (role, text heard, interrupted)
+    last_turn: int = 0
+
+
 @dataclass(slots=True)
 class ConversationConfig:
     greeting: str
@@ -38,6 +54,7 @@ class ConversationConfig:
     tts_timeout_s: float = 6.0
     llm_timeout_s: float = 8.0
     goodbye: str = "Thanks for calling. Goodbye!"
+    resume_message: str = "Sorry, the line dropped for a moment. Please go on."
     transfer_message: str = "Let me put you through to a person. One moment."
     reprompt: str = "Are you still there?"
     idle_reprompt_s: float = 10.0

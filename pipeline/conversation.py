@@ -31,7 +31,13 @@ import numpy as np
 
 from media.mulaw import FRAME_BYTES, is_quiet_ulaw, ulaw_to_pcm16
 from pipeline.call_control import CallControl, Intent, detect_intent
-from pipeline.call_setup import CallInfo, ConversationConfig, Engines
+from pipeline.call_setup import (
+    STANDARD_PARAMETERS,
+    CallInfo,
+    ConversationConfig,
+    Engines,
+    Resumed,
+)
 from pipeline.echo_guard import EchoGuard
 from pipeline.engines import EngineError, quick_transcriber
 from pipeline.events import (
@@ -70,8 +76,10 @@ class Conversation(TurnActions, Speaking):
         config: ConversationConfig,
         caller_context: str | None = None,
         control: CallControl | None = None,
+        resumed: Resumed | None = None,
     ) -> None:
         self.call = call
+        self.resumed = resumed
         self._control = control
         self._engines = engines
         # Everything the bot says goes through the resumable wrapper: a barge-in may pause it.
@@ -95,6 +103,13 @@ class Conversation(TurnActions, Speaking):
         self.summarizer = RollingSummarizer(max_chars=config.summary_max_chars,
                                             call_sid=call.call_sid)
         self._turn = 0
+        if resumed is not None:  # the call goes on where its dropped stream left it
+            for role, text, interrupted in resumed.transcript:
+                if role == "caller":
+                    self.memory.add_user(text)
+                else:
+                    self.memory.add_assistant(text + ("…" if interrupted else ""))
+            self._turn = resumed.last_turn
         self._reply: asyncio.Task[None] | None = None
         self._speculative: asyncio.Task[tuple[str, float]] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
@@ -129,7 +144,9 @@ class Conversation(TurnActions, Speaking):
             log.error("%s failed", task.get_name(), exc_info=exc)
 
     async def begin(self) -> None:
-        """The call is connected: announce it and speak the greeting at once."""
+        """The call is connected: announce it and speak the greeting at once (or, on a stream
+        connected again after a drop, the resume message)."""
+        resumed = self.resumed
         self._bus.publish(
             CallStarted(
                 call_sid=self.call.call_sid,
@@ -138,11 +155,20 @@ class Conversation(TurnActions, Speaking):
                 to_number=self.call.to_number,
                 direction=self.call.direction,
                 started_at=self._wall0,
+                resumed=resumed.attempt if resumed is not None else 0,
             )
         )
-        greeting = self.call.parameters.get("greeting") or self.config.greeting
+        own = {k: v for k, v in self.call.parameters.items() if k not in STANDARD_PARAMETERS}
+        if resumed is not None:
+            self._bus.publish(CallEvent(self.call.call_sid, "resumed", {
+                "attempt": resumed.attempt, "utterances": len(resumed.transcript)}))
+            greeting = self.config.resume_message
+        else:
+            if own:  # kept for a stream connected again (webhooks/stream_ended.py)
+                self._bus.publish(CallEvent(self.call.call_sid, "parameters", own))
+            greeting = self.call.parameters.get("greeting") or self.config.greeting
         if greeting:
-            self._reply = self._spawn(self._say(greeting, turn=0), "greeting")  # type: ignore[assignment]
+            self._reply = self._spawn(self._say(greeting, turn=self._turn), "greeting")  # type: ignore[assignment]
 
     async def close(self, reason: str) -> None:
         """The call ended: cancel everything this call started, then report the end."""

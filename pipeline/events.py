@@ -29,6 +29,9 @@ class CallStarted:
     to_number: str | None
     direction: str  # inbound, outbound, web, simulated
     started_at: datetime
+    # The call's stream was connected again after a drop (the how-many-th time): the call is
+    # in progress once more (webhooks/stream_ended.py).
+    resumed: int = 0
     kind: Literal["call_started"] = "call_started"
 
 

@@ -150,10 +150,13 @@ class SimulatedCaller:
         headers: dict[str, str] | None = None,
         auth_token: str | None = None,
         signed_url: str | None = None,
+        call_sid: str | None = None,
     ) -> None:
+        """`call_sid`: the call this stream belongs to (a new one by default; an earlier
+        call's for a stream connected again after a drop)."""
         self.url = url
         self.pace = pace
-        self.call_sid = "CA" + uuid.uuid4().hex
+        self.call_sid = call_sid or "CA" + uuid.uuid4().hex
         self.stream_sid = "MZ" + uuid.uuid4().hex
         self.parameters = {"from": from_number, "to": to_number, "direction": direction,
                            **(parameters or {})}

@@ -12,6 +12,13 @@ and `send_timeout_s`, for a peer that stops reading (`send_timeout`): the ASGI s
 waits while its write buffer is full, so without a bound a wedged client would hold the call
 forever. Either way the socket is closed and `on_limit(call_sid, reason)` runs (the app hangs
 the call up over Twilio's REST API there).
+
+A stream that merely drops (`DROPPED_REASONS`: the socket closed under it, or our own
+handling failed) may be connected again while the call goes on (webhooks/stream_ended.py).
+Any other end (a `stop`, the bot hanging up, a transfer, a limit) is stored through
+`on_end(call_sid, reason)` *before* the socket closes: Twilio asks `/twilio/stream-ended` what
+comes next the moment it does, and must find the end there, not take it for a drop, on
+whichever server it asks.
 """
 
 from __future__ import annotations
@@ -86,9 +93,14 @@ Pending = Coroutine[Any, Any, None]  # a message's async work, left by `_dispatc
 
 # How long a server-side end may spend on the closing frame and on the `on_limit` hook.
 CLOSE_TIMEOUT_S = 5.0
+# How long an end that is not a drop may take to be stored before the socket closes (`on_end`).
+END_RECORD_TIMEOUT_S = 2.0
 # End reasons of the stream's own limits: only these run `on_limit` (a REST hang-up). A call
 # that call control ended (`bot_hangup`, `transfer`) must not be hung up again.
 LIMIT_REASONS = frozenset({"max_duration", "send_timeout"})
+# End reasons of a stream that dropped while its call may go on: the socket closed under us
+# (the network, a worker going away past its drain grace), or our own handling failed.
+DROPPED_REASONS = frozenset({"disconnect", "error"})
 
 # The direct path's backlog (messages waiting behind one that left async work): reading the
 # socket pauses at this many and resumes when it is down to the second.
@@ -126,6 +138,7 @@ class TwilioStream:
         max_call_s: float | None = None,
         send_timeout_s: float | None = None,
         on_limit: LimitHook | None = None,
+        on_end: LimitHook | None = None,
     ) -> None:
         self._ws = websocket
         self._make_conversation = make_conversation
@@ -144,6 +157,7 @@ class TwilioStream:
         self._max_call_s = max_call_s
         self._send_timeout_s = send_timeout_s
         self._on_limit = on_limit
+        self._on_end = on_end
         self._deadline: asyncio.Timeout | None = None
         self._ending: str | None = None  # why we are ending the call ourselves
         # Inbound frame lag: how far behind its media timestamp a frame is when processed,
@@ -474,6 +488,13 @@ class TwilioStream:
                     await self._playout_task
             if not self._playout_task.done():
                 log.error("playout did not stop call_sid=%s", self.call_sid)
+        if (self._on_end is not None and self.call_sid != "-"
+                and self.end_reason not in DROPPED_REASONS):
+            try:  # stored before the socket closes: see the module doc
+                async with asyncio.timeout(END_RECORD_TIMEOUT_S):
+                    await self._on_end(self.call_sid, self.end_reason)
+            except Exception as exc:
+                log.warning("could not store the end call_sid=%s: %s", self.call_sid, exc)
         # A peer that stopped reading would hold the closing frame forever.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self._send_timeout_s or CLOSE_TIMEOUT_S):

@@ -393,7 +393,8 @@ async def test_a_call_whose_stream_ran_is_hung_up_when_it_ends(
             pass
 
         async def started() -> bool:
-            return bool(await app.state.calls.stream_started(call_sid))
+            stream = await app.state.calls.stream_end(call_sid)
+            return stream is not None and stream.started
 
         await eventually(started, 5)
         twiml = await stream_ended(http, call_sid)

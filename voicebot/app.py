@@ -110,7 +110,7 @@ def create_app(
         app.state.recorder = recorder
         loaded = engines or await anyio.to_thread.run_sync(loader, settings)
         services = Services(settings=settings, engines=loaded,
-                            twilio_rest=getattr(app.state, "twilio_rest", None))
+                            twilio_rest=getattr(app.state, "twilio_rest", None), calls=calls)
         app.state.services = services
         # STT/TTS behind bounded work queues; admission control watches their depth.
         queues = install_work_queues(loaded, settings.tts_concurrency)

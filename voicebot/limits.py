@@ -28,6 +28,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from pipeline.events import utcnow
 from telephony.stream import LimitHook
 from webhooks.security import SIGNATURE_HEADER, SignatureGuard, TrustedProxies
 
@@ -245,8 +246,21 @@ def twilio_hang_up(state: Any) -> LimitHook:
     return hang_up
 
 
+def store_end(state: Any) -> LimitHook:
+    """The hook that stores a stream's end (one that is not a drop) before its socket closes
+    (`TwilioStream`'s `on_end`), so `/twilio/stream-ended` does not take it for a drop."""
+
+    async def store(call_sid: str, reason: str) -> None:
+        calls = getattr(state, "calls", None)
+        if calls is not None:
+            await calls.finalize_call(call_sid, ended_at=utcnow(), reason=reason)
+
+    return store
+
+
 def stream_limits(settings: Any, state: Any) -> dict[str, Any]:
-    """Keyword arguments for `TwilioStream`: `max_call_s`, `send_timeout_s`, `on_limit`."""
+    """Keyword arguments for `TwilioStream`: `max_call_s`, `send_timeout_s`, `on_limit`,
+    `on_end`."""
     limits = Limits.from_settings(settings)
     return {"max_call_s": limits.max_call_s, "send_timeout_s": limits.send_timeout_s,
-            "on_limit": twilio_hang_up(state)}
+            "on_limit": twilio_hang_up(state), "on_end": store_end(state)}

@@ -123,6 +123,9 @@ class CallMetrics:
         self.errors = Counter("voicebot_errors", "Engine failures during calls", ["stage"],
                               registry=r)
         self.dtmf = Counter("voicebot_dtmf", "Keypad digits pressed", registry=r)
+        self.resumed = Counter("voicebot_streams_resumed",
+                               "Calls whose media stream dropped and was connected again",
+                               registry=r)
         self.utterances = Counter("voicebot_utterances", "Finished utterances", ["role"],
                                   registry=r)
         self.queue_waiting = Gauge("voicebot_queue_waiting", "Model work waiting for a slot",
@@ -159,7 +162,10 @@ class CallMetrics:
         elif isinstance(event, UtteranceDone):
             self.utterances.labels(event.role).inc()
         elif isinstance(event, CallStarted):
-            self.started.labels(event.direction[:20]).inc()
+            if event.resumed:  # the same call again, on a new stream: not a new call
+                self.resumed.inc()
+            else:
+                self.started.labels(event.direction[:20]).inc()
             self.active.inc()
             self._started_at[event.call_sid] = time.monotonic()
         elif isinstance(event, CallEnded):

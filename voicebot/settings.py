@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(default=30.0, ge=0)  # SIGTERM: calls get this long to finish
     busy_message: str = ("Sorry, all of our lines are busy right now. "
                          "Please call again in a few minutes. Goodbye.")
+    # A media stream that drops while its call goes on (its worker crashed or ran out of drain
+    # grace, the network failed) is connected again, up to this many times a call (0: never;
+    # the call then hangs up). The bot says `resume_message` and carries on with the call's
+    # transcript (webhooks/stream_ended.py).
+    stream_resumes: int = Field(default=2, ge=0, le=10)
+    resume_message: str = "Sorry, the line dropped for a moment. Please go on."
 
     # Turn-taking.
     endpoint_silence_ms: int = Field(default=500, ge=100, le=3000)

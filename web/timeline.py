@@ -33,7 +33,7 @@ WATERFALL_PARTS: tuple[tuple[str, str], ...] = (
 # Symbols that common fonts have (no emoji): the label says the same in words.
 _EVENT_ICONS = {"dtmf": "⌨", "barge_in": "✂", "error": "⚠", "status": "☎", "turn_end": "⇥",
                 "backchannel": "✓", "echo": "↩", "end_call": "☎", "transfer": "⇄", "amd": "☎",
-                "stream_status": "☎"}
+                "stream_status": "☎", "resumed": "↻", "parameters": "⚙"}
 # A `barge_in` or `backchannel` event's `class` (pipeline.backchannel.BargeInClass).
 _CLASS_ICONS = {"false_interruption": "↺", "noise": "~", "echo": "↩"}
 
@@ -327,6 +327,20 @@ def _stream_status(detail: Mapping[str, Any]) -> tuple[str, str]:
 _STREAM_EVENTS = {"stream-started": "Media stream started",
                   "stream-stopped": "Media stream stopped"}
 
+
+def _resumed(detail: Mapping[str, Any]) -> tuple[str, str]:
+    """The call's stream dropped and was connected again (webhooks/stream_ended.py)."""
+    attempt = _float(detail.get("attempt"))
+    said = _float(detail.get("utterances"))
+    label = "Media stream dropped and reconnected" + (
+        f" (attempt {attempt:.0f})" if attempt is not None else "")
+    return label, "" if said is None else f"went on with {said:.0f} stored utterances"
+
+
+def _parameters(detail: Mapping[str, Any]) -> tuple[str, str]:
+    """The call's own stream parameters (an outbound call's greeting, system prompt)."""
+    return "Call parameters", ", ".join(sorted(str(name) for name in detail))
+
 _DESCRIBE = {
     "dtmf": _dtmf,
     "barge_in": _barge_in,
@@ -339,6 +353,8 @@ _DESCRIBE = {
     "status": _status,
     "amd": _amd,
     "stream_status": _stream_status,
+    "resumed": _resumed,
+    "parameters": _parameters,
 }
 
 

@@ -14,11 +14,21 @@ the WebSocket closes (Media Streams docs), so by the time this runs, either:
   is stored as ended `refused_stream` (a `refused` event, `where` "media", through the
   app's hook `app.state.on_stream_refused`).
 
-"Started" is what the database says (`CallRepository.stream_started`: the stream's `start`
-was stored, by whichever server took it). When that cannot be read (the database is down),
-or the call is no longer in progress (the caller hung up: nothing would be played), the answer
-is `<Hangup/>`. Signature validation wraps the endpoint from outside, as for the other
-callbacks.
+- the stream ran and dropped while the call goes on: its worker crashed, or was stopped past
+  its drain grace, or the network between Twilio and us failed. The answer is the same
+  `<Connect><Stream>` again, with the call's parties and stream parameters and `resume` set
+  to the attempt, so the call reaches a server that is up (behind a load balancer, any of
+  them) and goes on: the bot says `RESUME_MESSAGE` and carries on with the call's stored
+  transcript (`voicebot.services`). At most `STREAM_RESUMES` times a call (the attempts are
+  counted in the action's query string); after that, or with 0, a hang-up.
+
+"Started" and how the call ended are what the database says (`CallRepository.stream_end`:
+the stream's `start` was stored, by whichever server took it). An end we chose (the bot hung
+up, a limit) is stored before our side closes the socket (`TwilioStream`'s `on_end`); a drop
+(`DROPPED_REASONS`) or no end at all (a worker that died stores nothing) is what gets the
+stream connected again. When the call cannot be read (the database is down), or is no longer
+in progress (the caller hung up: nothing would be played), the answer is `<Hangup/>`.
+Signature validation wraps the endpoint from outside, as for the other callbacks.
 """
 
 from __future__ import annotations
@@ -35,8 +45,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from twilio.twiml.voice_response import VoiceResponse
 
+from db.records import StreamEnd
+from telephony.stream import DROPPED_REASONS
 from webhooks.outbound import busy_twiml
-from webhooks.voice import STREAM_ENDED_PATH
+from webhooks.voice import STREAM_ENDED_PATH, public_host, stream_twiml
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +89,12 @@ async def stream_ended(request: Request) -> Response:
     if calls is None:
         return _twiml(hangup_twiml())
     try:
-        started = await calls.stream_started(call_sid)
+        stream = await calls.stream_end(call_sid)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         log.warning("stream-ended: cannot read the call call_sid=%s: %s", call_sid, exc)
         return _twiml(hangup_twiml())
-    if started:
-        log.info("stream ended, hanging up call_sid=%s", call_sid)
-        return _twiml(hangup_twiml())
+    if stream is not None and stream.started:
+        return _twiml(_after_a_stream(request, call_sid, stream))
     log.warning("stream never started (refused): busy message call_sid=%s", call_sid)
     hook: RefusalHook | None = getattr(state, "on_stream_refused", None)
     if hook is not None:
@@ -92,6 +103,35 @@ async def stream_ended(request: Request) -> Response:
             await result
     message = getattr(getattr(state, "settings", None), "busy_message", None)
     return _twiml(busy_twiml(message) if message else hangup_twiml())
+
+
+def _resumes(request: Request) -> int | None:
+    """The attempts so far, from the action's query string (`webhooks.voice.stream_twiml`);
+    None when it is not a small count (not an action we wrote)."""
+    value = request.query_params.get("resumes", "0")
+    return int(value) if value.isdigit() and len(value) <= 2 else None
+
+
+def _after_a_stream(request: Request, call_sid: str, stream: StreamEnd) -> str:
+    """TwiML for a call whose stream ran: connect it again if it dropped, else hang up."""
+    if stream.end_reason is not None and stream.end_reason not in DROPPED_REASONS:
+        log.info("stream ended (%s), hanging up call_sid=%s", stream.end_reason, call_sid)
+        return hangup_twiml()
+    settings = getattr(request.app.state, "settings", None)
+    allowed = int(getattr(settings, "stream_resumes", 0) or 0)
+    resumes = _resumes(request)
+    if resumes is None or resumes >= allowed:
+        log.warning("stream dropped (%s) and is not connected again (%s of %d); hanging up "
+                    "call_sid=%s", stream.end_reason or "no end stored", resumes, allowed,
+                    call_sid)
+        return hangup_twiml()
+    parameters = {**stream.parameters, "from": stream.from_number or "",
+                  "to": stream.to_number or "", "direction": stream.direction or "",
+                  "resume": str(resumes + 1)}
+    log.warning("stream dropped (%s); connecting it again call_sid=%s (%d of %d)",
+                stream.end_reason or "no end stored", call_sid, resumes + 1, allowed)
+    host = public_host(request, getattr(settings, "public_url", None))
+    return stream_twiml(host, parameters, resumes=resumes + 1)
 
 
 def stream_ended_routes(wrap: Callable[[Endpoint], Endpoint] | None = None) -> list[Route]:

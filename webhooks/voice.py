@@ -23,12 +23,15 @@ def public_host(request: Request, public_url: str | None) -> str:
     return request.headers.get("host") or request.url.netloc
 
 
-def stream_twiml(host: str, parameters: dict[str, str]) -> str:
+def stream_twiml(host: str, parameters: dict[str, str], resumes: int = 0) -> str:
     """TwiML that connects the call to `wss://<host>/twilio/media` with `parameters`; when the
     stream ends Twilio asks `/twilio/stream-ended` what comes next (`webhooks.stream_ended`:
-    a hang-up, or the busy message for a stream that was refused)."""
+    a hang-up, the busy message for a stream that was refused, or this TwiML again for a
+    stream that dropped). `resumes`: how many times the call's stream was connected again
+    before this one, counted in the action's query string."""
     response = VoiceResponse()
-    connect = Connect(action=f"https://{host}{STREAM_ENDED_PATH}", method="POST")
+    action = f"https://{host}{STREAM_ENDED_PATH}" + (f"?resumes={resumes}" if resumes else "")
+    connect = Connect(action=action, method="POST")
     # Stream status callbacks (start, stop, error) come back to /twilio/stream-status.
     stream = connect.stream(url=f"wss://{host}{MEDIA_PATH}",
                             status_callback=f"https://{host}/twilio/stream-status",

@@ -338,3 +338,36 @@ async def test_a_batch_is_all_or_nothing(repository: CallRepository) -> None:
         await repository.write_events([*batch[:4], refused, *batch[4:]])
 
     assert (await repository.list_calls()).total == 0
+
+
+async def test_a_resumed_stream_reopens_its_call_until_it_ends_again(
+    repository: CallRepository,
+) -> None:
+    """A stream that dropped (ended `disconnect`) and was connected again: the call is in
+    progress once more, keeps what was said, and ends with the resumed stream's end."""
+    def started(seconds: float, resumed: int = 0) -> CallStarted:
+        return CallStarted("CAr", f"MZ{seconds:.0f}", "+15550001", "+15550002", "inbound",
+                           at(seconds), resumed=resumed)
+
+    said = UtteranceDone("CAr", 1, "caller", "When do you open?", at(2), at(3))
+    await repository.write_events([started(0), said, CallEnded("CAr", at(5), "disconnect"),
+                                   CallEvent("CAr", "parameters", {"system_prompt": "Be brief."},
+                                             at(0))])
+    dropped = await repository.stream_end("CAr")
+    assert dropped is not None and dropped.started and dropped.end_reason == "disconnect"
+    assert dropped.parameters == {"system_prompt": "Be brief."}
+    assert (dropped.from_number, dropped.to_number, dropped.direction) == (
+        "+15550001", "+15550002", "inbound")
+
+    await repository.write_events([started(7, resumed=1)])
+    going = (await repository.get_call("CAr")).call
+    assert (going.status, going.ended_at, going.end_reason, going.duration_s) == (
+        "in-progress", None, None, None)
+    assert (await repository.stream_end("CAr")).end_reason is None  # type: ignore[union-attr]
+
+    await repository.write_events([CallEnded("CAr", at(20), "stop")])
+    detail = await repository.get_call("CAr")
+    assert (detail.call.status, detail.call.end_reason, detail.call.ended_at,
+            detail.call.duration_s) == ("completed", "stop", at(20), 20.0)
+    assert [u.text for u in detail.utterances] == ["When do you open?"]
+    assert await repository.stream_end("CAnone") is None

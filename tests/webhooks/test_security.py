@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.request_validator import RequestValidator
 
+from db.records import StreamEnd
 from tests.fakes.loopback import LoopbackServer
 from webhooks.security import SignatureGuard, TrustedProxies, verify_http
 from webhooks.stream_ended import stream_ended_routes
@@ -232,8 +233,9 @@ def test_the_stream_ended_callback_is_validated() -> None:
     app, _ = make_app(SignatureGuard.from_settings(settings()))
 
     class _Calls:
-        async def stream_started(self, call_sid: str) -> bool:
-            return True
+        async def stream_end(self, call_sid: str) -> StreamEnd:
+            return StreamEnd(started=True, end_reason="stop", from_number=None,
+                             to_number=None, direction="inbound", parameters={})
 
     app.state.calls = _Calls()
     form = {**CALL, "CallStatus": "in-progress"}
@@ -242,6 +244,13 @@ def test_the_stream_ended_callback_is_validated() -> None:
     signature = sign(f"{PUBLIC}/twilio/stream-ended", form)
     response = client.post("/twilio/stream-ended", data=form,
                            headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 200 and "<Hangup" in response.text
+    # A resumed stream's action counts its attempts in the query string, which is signed too.
+    again = f"{PUBLIC}/twilio/stream-ended?resumes=1"
+    assert client.post("/twilio/stream-ended?resumes=1", data=form, headers={
+        "X-Twilio-Signature": signature}).status_code == 403
+    response = client.post("/twilio/stream-ended?resumes=1", data=form,
+                           headers={"X-Twilio-Signature": sign(again, form)})
     assert response.status_code == 200 and "<Hangup" in response.text
 
 

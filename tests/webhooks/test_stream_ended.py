@@ -3,27 +3,37 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
+import pytest
 from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from db.records import StreamEnd
 from webhooks.stream_ended import stream_ended_routes
 
 CALL_SID = "CA" + "3" * 32
 
 
 class _Calls:
-    def __init__(self, started: bool | Exception) -> None:
+    def __init__(self, started: bool | Exception, end_reason: str | None = None,
+                 parameters: dict[str, str] | None = None) -> None:
         self.started = started
+        self.end_reason = end_reason
+        self.parameters = parameters or {}
         self.asked: list[str] = []
 
-    async def stream_started(self, call_sid: str) -> bool:
+    async def stream_end(self, call_sid: str) -> StreamEnd | None:
         self.asked.append(call_sid)
         if isinstance(self.started, Exception):
             raise self.started
-        return self.started
+        if not self.started:
+            return None
+        return StreamEnd(started=True, end_reason=self.end_reason, from_number="+15550001111",
+                         to_number="+15550002222", direction="outbound",
+                         parameters=self.parameters)
 
 
 class _Bus:
@@ -34,15 +44,81 @@ class _Bus:
         self.published.append(event)
 
 
-def _client(calls: _Calls | None) -> tuple[TestClient, _Bus]:
+def _client(calls: _Calls | None, stream_resumes: int = 2) -> tuple[TestClient, _Bus]:
     app = Starlette(routes=stream_ended_routes())
     bus = _Bus()
     if calls is not None:
         app.state.calls = calls
     app.state.services = SimpleNamespace(bus=bus)
     app.state.on_stream_refused = lambda request: bus.publish(("refused", request.url.path))
-    app.state.settings = SimpleNamespace(busy_message="No line is free. Goodbye.")
+    app.state.settings = SimpleNamespace(busy_message="No line is free. Goodbye.",
+                                         stream_resumes=stream_resumes,
+                                         public_url="https://bot.example.com")
     return TestClient(app), bus
+
+
+def _ended(client: TestClient, query: str = "") -> str:
+    response = client.post("/twilio/stream-ended" + query,
+                           data={"CallSid": CALL_SID, "CallStatus": "in-progress"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/xml")
+    return response.text
+
+
+def _connect(twiml: str) -> tuple[str, str, dict[str, str]]:
+    """The `<Connect>`'s action, its `<Stream>`'s URL and parameters."""
+    connect = ET.fromstring(twiml).find("Connect")
+    assert connect is not None, twiml
+    stream = connect.find("Stream")
+    assert stream is not None
+    parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+    return connect.get("action", ""), stream.get("url", ""), parameters
+
+
+@pytest.mark.parametrize("end_reason", [None, "disconnect", "error"])
+def test_a_stream_that_dropped_is_connected_again_with_the_calls_parameters(
+        end_reason: str | None) -> None:
+    """No end stored (its worker died) or a drop: the same stream again, with the parties,
+    the call's own parameters (an outbound call's system prompt) and the attempt."""
+    calls = _Calls(True, end_reason, {"system_prompt": "You sell tickets.", "greeting": "Hi!"})
+    client, bus = _client(calls)
+    action, url, parameters = _connect(_ended(client))
+    assert url == "wss://bot.example.com/twilio/media"
+    assert action == "https://bot.example.com/twilio/stream-ended?resumes=1"
+    assert parameters == {"system_prompt": "You sell tickets.", "greeting": "Hi!",
+                          "from": "+15550001111", "to": "+15550002222",
+                          "direction": "outbound", "resume": "1"}
+    assert bus.published == []  # not a refusal
+    action, _, parameters = _connect(_ended(client, "?resumes=1"))
+    assert action.endswith("/twilio/stream-ended?resumes=2") and parameters["resume"] == "2"
+
+
+def test_after_the_last_attempt_the_call_hangs_up() -> None:
+    client, _ = _client(_Calls(True, "disconnect"))
+    twiml = _ended(client, "?resumes=2")
+    assert "<Hangup" in twiml and "<Connect" not in twiml
+
+
+@pytest.mark.parametrize("query", ["?resumes=x", "?resumes=-1", "?resumes=999"])
+def test_an_attempt_count_we_did_not_write_hangs_up(query: str) -> None:
+    client, _ = _client(_Calls(True, "disconnect"))
+    assert "<Connect" not in _ended(client, query)
+
+
+def test_with_resumes_off_a_dropped_stream_hangs_up() -> None:
+    client, _ = _client(_Calls(True, None), stream_resumes=0)
+    twiml = _ended(client)
+    assert "<Hangup" in twiml and "<Connect" not in twiml
+
+
+@pytest.mark.parametrize("end_reason", ["stop", "bot_caller_goodbye", "bot_idle", "transfer",
+                                        "max_duration", "send_timeout"])
+def test_a_stream_that_ended_on_purpose_hangs_up(end_reason: str) -> None:
+    """The bot hung up (without REST credentials, by closing the stream), a limit, a `stop`:
+    stored before the socket closed, so never taken for a drop."""
+    client, _ = _client(_Calls(True, end_reason))
+    twiml = _ended(client)
+    assert "<Hangup" in twiml and "<Connect" not in twiml and "<Say>" not in twiml
 
 
 def test_a_stream_that_never_started_gets_the_configured_busy_message() -> None:

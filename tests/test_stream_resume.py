@@ -1,0 +1,165 @@
+"""A call whose media stream drops goes on: `/twilio/stream-ended` connects it again.
+
+Real `voicebot serve` processes (the real models, the LLM behind the scripted OpenAI-compatible
+fake) sharing one SQLite database, as two servers behind a load balancer share PostgreSQL. The
+test plays Twilio: it follows the TwiML `/twilio/stream-ended` answers, to the server that is
+still up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from telephony.simulator import CallerTurn, SimulatedCaller
+from tests.fakes.openai_server import FakeOpenAi, Rule, ToolCall
+from tests.serverkit import ServerProcess, eventually
+
+pytestmark = pytest.mark.slow
+
+REPLY = "We open at nine tomorrow morning."
+RESUME = "Sorry, the line dropped for a moment. Please go on."
+
+
+def _env(tmp_path: Path, fake: FakeOpenAi, spool: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/calls.db",  # shared, as PostgreSQL would be
+        "DB_SPOOL_DIR": str(tmp_path / spool),
+        "LLM_BASE_URL": fake.base_url,
+        "LLM_MODEL": "scripted",
+        "LOG_LEVEL": "INFO",
+        "RESUME_MESSAGE": RESUME,
+    }
+
+
+@pytest.fixture
+async def servers(tmp_path: Path, fake_openai: FakeOpenAi
+                  ) -> AsyncIterator[tuple[ServerProcess, ServerProcess]]:
+    first = ServerProcess(tmp_path, _env(tmp_path, fake_openai, "spool-a"), name="a")
+    second = ServerProcess(tmp_path, _env(tmp_path, fake_openai, "spool-b"), name="b")
+    try:
+        await first.start()
+        await second.start()
+        yield first, second
+    finally:
+        first.kill()
+        second.kill()
+
+
+async def _stream_ended(base_url: str, call_sid: str, query: str = "") -> str:
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        response = await http.post("/twilio/stream-ended" + query,
+                                   data={"CallSid": call_sid, "CallStatus": "in-progress"})
+    assert response.status_code == 200
+    return response.text
+
+
+def _words(text: str) -> str:
+    """A transcript without its punctuation (Whisper may end the same words with . or ?)."""
+    return re.sub(r"[^a-z0-9 ]", "", text.lower())
+
+
+def _connect(twiml: str) -> tuple[str, str, dict[str, str]]:
+    connect = ET.fromstring(twiml).find("Connect")
+    assert connect is not None, twiml
+    stream = connect.find("Stream")
+    assert stream is not None
+    return (connect.get("action", ""), stream.get("url", ""),
+            {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")})
+
+
+async def _call(base_url: str, call_sid: str) -> dict:  # type: ignore[type-arg]
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        response = await http.get(f"/api/calls/{call_sid}")
+    return response.json() if response.status_code == 200 else {}
+
+
+async def test_a_call_goes_on_after_its_server_dies(
+    servers: tuple[ServerProcess, ServerProcess], fake_openai: FakeOpenAi, fixtures_dir: Path
+) -> None:
+    first, second = servers
+    fake_openai.script(Rule(when="open", reply=REPLY), default_reply="Okay.")
+    turn = CallerTurn(wav=str(fixtures_dir / "open_hours.wav"))
+    caller = SimulatedCaller(first.media_url, from_number="+15550100007",
+                             direction="inbound")
+    call_sid = caller.call_sid
+    call = asyncio.create_task(caller.run([turn, turn]))
+
+    async def answered_once() -> bool:
+        stored = await _call(second.base_url, call_sid)
+        return any(u["role"] == "bot" and u["text"] == REPLY
+                   for u in stored.get("utterances", []))
+
+    await eventually(answered_once, 40)
+    first.signal(signal.SIGKILL)  # the server dies mid-call: nothing more is stored
+    dropped = await asyncio.wait_for(call, 20)
+    assert dropped.closed_by_server
+
+    # Twilio asks the <Connect>'s action (through the load balancer: the server that is up).
+    action, url, parameters = _connect(await _stream_ended(second.base_url, call_sid))
+    assert url.endswith("/twilio/media") and action.endswith("/twilio/stream-ended?resumes=1")
+    assert parameters == {"from": "+15550100007", "to": "+15550100002",
+                          "direction": "inbound", "resume": "1"}
+    requests_before = len(fake_openai.chat_requests)
+
+    again = SimulatedCaller(second.media_url, call_sid=call_sid, parameters=parameters,
+                            from_number=parameters["from"], direction=parameters["direction"])
+    result = await asyncio.wait_for(again.run([turn]), 60)
+    assert not result.closed_by_server and result.turns[0].latency_ms is not None
+
+    async def ended() -> bool:
+        return (await _call(second.base_url, call_sid)).get("end_reason") == "stop"
+
+    await eventually(ended, 10)
+    stored = await _call(second.base_url, call_sid)
+    said = [(u["role"], u["text"]) for u in stored["utterances"]]
+    assert [role for role, _ in said] == ["bot", "caller", "bot", "bot", "caller", "bot"]
+    assert said[2] == ("bot", REPLY) and said[5] == ("bot", REPLY)
+    # The resumed stream says the resume line, not the greeting, then the call goes on.
+    assert said[3] == ("bot", RESUME) and _words(said[4][1]) == _words(said[1][1])
+    turns = [u["turn"] for u in stored["utterances"] if u["role"] == "caller"]
+    assert turns[1] > turns[0]  # numbered on from the first stream's turns
+    assert stored["status"] == "completed" and stored["ended_at"] is not None
+    resumed = [e for e in stored["events"] if e["type"] == "resumed"]
+    assert [e["detail"] for e in resumed] == [{"attempt": 1, "utterances": 3}]
+    # The LLM answered the second turn knowing the first one (the memory joins the bot's
+    # reply and the resume line, said one after the other, into one message).
+    answered = [r for r in fake_openai.chat_requests[requests_before:]
+                if r.last_user_message == said[4][1]]
+    assert answered
+    contents = [(m["role"], m["content"]) for m in answered[-1].messages
+                if m["role"] != "system"]
+    assert contents == [("assistant", said[0][1]), ("user", said[1][1]),
+                        ("assistant", f"{REPLY} {RESUME}"), ("user", said[4][1])]
+    async with httpx.AsyncClient(base_url=second.base_url, timeout=10) as http:
+        metrics = (await http.get("/metrics")).text
+    assert "voicebot_streams_resumed_total 1.0" in metrics  # not counted as a new call:
+    assert 'voicebot_calls_started_total{direction="inbound"}' not in metrics
+    # The call ended with a `stop` this time: Twilio's next question gets a hang-up.
+    twiml = await _stream_ended(second.base_url, call_sid, "?resumes=1")
+    assert "<Hangup" in twiml and "<Connect" not in twiml
+
+
+async def test_a_bot_that_hangs_up_is_not_taken_for_a_drop(
+    servers: tuple[ServerProcess, ServerProcess], fake_openai: FakeOpenAi, fixtures_dir: Path
+) -> None:
+    """Without Twilio credentials the bot hangs up by closing the stream; Twilio asks the
+    action at once, maybe another server: the end is already stored there."""
+    first, second = servers
+    fake_openai.script(Rule(when="goodbye", reply="Goodbye, have a nice day!",
+                            tool_call=ToolCall("end_call", {})))
+    caller = SimulatedCaller(first.media_url, pace=3.0)
+    result = await asyncio.wait_for(caller.run([
+        CallerTurn(wav=str(fixtures_dir / "goodbye.wav")), CallerTurn(silence_ms=10_000)]), 60)
+    assert result.closed_by_server
+    twiml = await _stream_ended(second.base_url, caller.call_sid)
+    assert "<Hangup" in twiml and "<Connect" not in twiml
+    stored = await _call(second.base_url, caller.call_sid)
+    assert stored["end_reason"].startswith("bot_")
