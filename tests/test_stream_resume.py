@@ -9,6 +9,7 @@ still up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import xml.etree.ElementTree as ET
@@ -163,3 +164,61 @@ async def test_a_bot_that_hangs_up_is_not_taken_for_a_drop(
     assert "<Hangup" in twiml and "<Connect" not in twiml
     stored = await _call(second.base_url, caller.call_sid)
     assert stored["end_reason"].startswith("bot_")
+
+
+async def test_a_call_past_the_drain_grace_goes_on_on_another_server(
+    tmp_path: Path, fake_openai: FakeOpenAi, fixtures_dir: Path
+) -> None:
+    """A rolling restart: the draining server closes the calls still up when its grace runs
+    out (stored as `disconnect`); the call is connected again on the server that stays up,
+    its row in progress once more until the caller hangs up there."""
+    fake_openai.script(Rule(when="open", reply=REPLY), default_reply="Okay.")
+    draining = ServerProcess(tmp_path, {**_env(tmp_path, fake_openai, "spool-a"),
+                                        "DRAIN_GRACE_S": "1"}, name="a")
+    staying = ServerProcess(tmp_path, _env(tmp_path, fake_openai, "spool-b"), name="b")
+    try:
+        await draining.start()
+        await staying.start()
+        turn = CallerTurn(wav=str(fixtures_dir / "open_hours.wav"))
+        caller = SimulatedCaller(draining.media_url)
+        call = asyncio.create_task(caller.run([turn, CallerTurn(silence_ms=20_000)]))
+
+        async def answered() -> bool:
+            stored = await _call(staying.base_url, caller.call_sid)
+            return any(u["text"] == REPLY for u in stored.get("utterances", []))
+
+        await eventually(answered, 40)
+        draining.signal(signal.SIGTERM)
+        assert (await asyncio.wait_for(call, 20)).closed_by_server
+        assert await draining.wait_exit(20) == 0
+
+        async def dropped() -> bool:
+            return (await _call(staying.base_url, caller.call_sid)).get(
+                "end_reason") == "disconnect"
+
+        await eventually(dropped, 10)
+        _, _, parameters = _connect(await _stream_ended(staying.base_url, caller.call_sid))
+        assert parameters["resume"] == "1"
+        again = SimulatedCaller(staying.media_url, call_sid=caller.call_sid,
+                                parameters=parameters)
+        call = asyncio.create_task(again.run([turn, CallerTurn(silence_ms=20_000)]))
+
+        async def going_on() -> bool:
+            stored = await _call(staying.base_url, caller.call_sid)
+            return [u["text"] for u in stored.get("utterances", [])].count(REPLY) == 2
+
+        await eventually(going_on, 40)
+        stored = await _call(staying.base_url, caller.call_sid)
+        assert (stored["status"], stored["end_reason"], stored["ended_at"]) == (
+            "in-progress", None, None)
+        call.cancel()  # the caller hangs up without a `stop`: the socket just closes
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+
+        async def ended() -> bool:
+            return (await _call(staying.base_url, caller.call_sid)).get("ended_at") is not None
+
+        await eventually(ended, 10)
+    finally:
+        draining.kill()
+        staying.kill()
