@@ -54,7 +54,7 @@ class ConversationConfig:
     tts_timeout_s: float = 6.0
     llm_timeout_s: float = 8.0
     goodbye: str = "Thanks for calling. Goodbye!"
-    resume_message: str = "Sorry, the line dropped for a moment. Please go on."
+    resume_message: str = "Sorry, the line dropped for a moment."
     transfer_message: str = "Let me put you through to a person. One moment."
     reprompt: str = "Are you still there?"
     idle_reprompt_s: float = 10.0

@@ -116,6 +116,9 @@ class Conversation(TurnActions, Speaking):
         self._mono0 = time.monotonic()
         self._wall0 = utcnow()
         self._closed = False
+        # The call's start and end as published (the transport may store them at once).
+        self.started: CallStarted | None = None
+        self.ended: CallEnded | None = None
         self.barge_ins = 0
         self._idle_ms = 0.0  # caller silence while the bot is quiet, in audio time
         self._reprompted = False
@@ -147,28 +150,50 @@ class Conversation(TurnActions, Speaking):
         """The call is connected: announce it and speak the greeting at once (or, on a stream
         connected again after a drop, the resume message)."""
         resumed = self.resumed
-        self._bus.publish(
-            CallStarted(
-                call_sid=self.call.call_sid,
-                stream_sid=self.call.stream_sid,
-                from_number=self.call.from_number,
-                to_number=self.call.to_number,
-                direction=self.call.direction,
-                started_at=self._wall0,
-                resumed=resumed.attempt if resumed is not None else 0,
-            )
+        self.started = CallStarted(
+            call_sid=self.call.call_sid,
+            stream_sid=self.call.stream_sid,
+            from_number=self.call.from_number,
+            to_number=self.call.to_number,
+            direction=self.call.direction,
+            started_at=self._wall0,
+            resumed=resumed.attempt if resumed is not None else 0,
         )
-        own = {k: v for k, v in self.call.parameters.items() if k not in STANDARD_PARAMETERS}
+        self._bus.publish(self.started)
         if resumed is not None:
             self._bus.publish(CallEvent(self.call.call_sid, "resumed", {
                 "attempt": resumed.attempt, "utterances": len(resumed.transcript)}))
-            greeting = self.config.resume_message
-        else:
-            if own:  # kept for a stream connected again (webhooks/stream_ended.py)
-                self._bus.publish(CallEvent(self.call.call_sid, "parameters", own))
-            greeting = self.call.parameters.get("greeting") or self.config.greeting
+            self._reply = self._spawn(self._resume(resumed), "resume")  # type: ignore[assignment]
+            return
+        own = {k: v for k, v in self.call.parameters.items() if k not in STANDARD_PARAMETERS}
+        if own:  # kept for a stream connected again (webhooks/stream_ended.py)
+            self._bus.publish(CallEvent(self.call.call_sid, "parameters", own))
+        greeting = self.call.parameters.get("greeting") or self.config.greeting
         if greeting:
-            self._reply = self._spawn(self._say(greeting, turn=self._turn), "greeting")  # type: ignore[assignment]
+            self._reply = self._spawn(self._say(greeting, turn=0), "greeting")  # type: ignore[assignment]
+
+    async def _resume(self, resumed: Resumed) -> None:
+        """A stream connected again after a drop: say `resume_message` instead of the
+        greeting. If the caller's last words went unanswered when the stream dropped, answer
+        them right after it: the LLM starts at once, on the history before the message, and
+        its reply plays once the message has been heard (a barge-in cancels both)."""
+        reply: asyncio.Task[object] | None = None
+        heard = asyncio.Event()
+        if resumed.transcript and resumed.transcript[-1][0] == "caller":
+            now = time.monotonic()
+            reply = self._spawn(self._respond(TurnTiming(now, now, measured=False), self._turn,
+                                              messages=self.memory.messages(), gate=heard),
+                                "reply", awaited=True)
+        try:
+            if self.config.resume_message:
+                await self._say(self.config.resume_message, self._turn)
+        except asyncio.CancelledError:
+            if reply is not None:
+                reply.cancel()
+            raise
+        heard.set()
+        if reply is not None:
+            await reply
 
     async def close(self, reason: str) -> None:
         """The call ended: cancel everything this call started, then report the end."""
@@ -185,7 +210,8 @@ class Conversation(TurnActions, Speaking):
             self._bus.publish(CallEvent(self.call.call_sid, "echo", {
                 "delay_ms": round(echo.delay_ms, 1), "cancelled_frames": echo.cancelled_frames,
                 "frames": echo.frames}))
-        self._bus.publish(CallEnded(self.call.call_sid, utcnow(), reason))
+        self.ended = CallEnded(self.call.call_sid, utcnow(), reason)
+        self._bus.publish(self.ended)
 
     # Inputs --------------------------------------------------------------------------------
     def hear(self, ulaw: bytes) -> list[Action]:

@@ -183,6 +183,8 @@ class Speaking:
     def _publish_metrics(self, turn: int, timing: TurnTiming, first: SpokenSegment) -> None:
         """The turn's latency parts, once the caller has heard the start of the reply (the
         first mark echo, usually a chunk's length later) so V2V as heard is among them."""
+        if not timing.measured:
+            return
         metrics = timing.metrics(self.call.call_sid, turn, first.first_sent_at)
 
         async def when_heard() -> None:

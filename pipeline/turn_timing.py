@@ -28,6 +28,9 @@ class TurnTiming:
     first_token_at: float | None = None
     first_sentence_at: float | None = None
     tts_first_ms: float | None = None
+    # False for a reply that answers no measured turn end (a resumed call answering the words
+    # its dropped stream left unanswered): its latency parts are not published.
+    measured: bool = True
 
     def metrics(self, call_sid: str, turn: int, first_audio_at: float | None) -> TurnMetrics:
         endpoint = _ms(self.last_voice_at, self.ended_at)

@@ -16,9 +16,10 @@ the call up over Twilio's REST API there).
 A stream that merely drops (`DROPPED_REASONS`: the socket closed under it, or our own
 handling failed) may be connected again while the call goes on (webhooks/stream_ended.py).
 Any other end (a `stop`, the bot hanging up, a transfer, a limit) is stored through
-`on_end(call_sid, reason)` *before* the socket closes: Twilio asks `/twilio/stream-ended` what
-comes next the moment it does, and must find the end there, not take it for a drop, on
-whichever server it asks.
+`on_end([start, end])` (the conversation's `CallStarted` and `CallEnded`, as published)
+*before* the socket closes: Twilio asks `/twilio/stream-ended` what comes next the moment it
+does, and must find the started stream and its end there, not take it for a drop or a
+refusal, on whichever server it asks (the recorder's batch is a tenth of a second away).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from pipeline.conversation import CallInfo, Conversation
+from pipeline.events import PipelineEvent
 from pipeline.speech import PeerGone
 from telephony.direct import DIRECT_TEXT, DirectText
 from telephony.messages import (
@@ -89,6 +91,8 @@ class StreamStats:
 EndStream = Callable[[str], Awaitable[None]]
 ConversationFactory = Callable[[CallInfo, TwilioPlayout, EndStream], Awaitable[Conversation]]
 LimitHook = Callable[[str, str], Awaitable[object]]  # (call_sid, end reason)
+# Stores the call's start and end events now (`on_end`).
+EndHook = Callable[[Sequence[PipelineEvent]], Awaitable[object]]
 Pending = Coroutine[Any, Any, None]  # a message's async work, left by `_dispatch`
 
 # How long a server-side end may spend on the closing frame and on the `on_limit` hook.
@@ -138,7 +142,7 @@ class TwilioStream:
         max_call_s: float | None = None,
         send_timeout_s: float | None = None,
         on_limit: LimitHook | None = None,
-        on_end: LimitHook | None = None,
+        on_end: EndHook | None = None,
     ) -> None:
         self._ws = websocket
         self._make_conversation = make_conversation
@@ -488,11 +492,13 @@ class TwilioStream:
                     await self._playout_task
             if not self._playout_task.done():
                 log.error("playout did not stop call_sid=%s", self.call_sid)
-        if (self._on_end is not None and self.call_sid != "-"
+        conversation = self.conversation
+        if (self._on_end is not None and conversation is not None
+                and conversation.started is not None and conversation.ended is not None
                 and self.end_reason not in DROPPED_REASONS):
             try:  # stored before the socket closes: see the module doc
                 async with asyncio.timeout(END_RECORD_TIMEOUT_S):
-                    await self._on_end(self.call_sid, self.end_reason)
+                    await self._on_end([conversation.started, conversation.ended])
             except Exception as exc:
                 log.warning("could not store the end call_sid=%s: %s", self.call_sid, exc)
         # A peer that stopped reading would hold the closing frame forever.

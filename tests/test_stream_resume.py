@@ -26,7 +26,7 @@ from tests.serverkit import ServerProcess, eventually
 pytestmark = pytest.mark.slow
 
 REPLY = "We open at nine tomorrow morning."
-RESUME = "Sorry, the line dropped for a moment. Please go on."
+RESUME = "Sorry, the line dropped for a moment."
 
 
 def _env(tmp_path: Path, fake: FakeOpenAi, spool: str) -> dict[str, str]:
@@ -222,3 +222,45 @@ async def test_a_call_past_the_drain_grace_goes_on_on_another_server(
     finally:
         draining.kill()
         staying.kill()
+
+
+async def test_words_the_drop_left_unanswered_are_answered_after_the_resume_line(
+    servers: tuple[ServerProcess, ServerProcess], fake_openai: FakeOpenAi, fixtures_dir: Path
+) -> None:
+    """The server dies while the LLM is still thinking about the caller's question: on the
+    stream connected again the bot says the resume line, then answers the question."""
+    first, second = servers
+    fake_openai.script(Rule(when="open", hang=True, times=1), Rule(when="open", reply=REPLY),
+                       default_reply="Okay.")
+    caller = SimulatedCaller(first.media_url, reply_timeout_s=60)
+    call = asyncio.create_task(caller.run([CallerTurn(wav=str(fixtures_dir / "open_hours.wav"))]))
+
+    async def asked() -> bool:
+        stored = await _call(second.base_url, caller.call_sid)
+        return any(u["role"] == "caller" for u in stored.get("utterances", []))
+
+    await eventually(asked, 40)
+    await eventually(lambda: len(fake_openai.chat_requests) >= 1, 10)  # the LLM is thinking
+    first.signal(signal.SIGKILL)
+    assert (await asyncio.wait_for(call, 20)).closed_by_server
+
+    _, _, parameters = _connect(await _stream_ended(second.base_url, caller.call_sid))
+    again = SimulatedCaller(second.media_url, call_sid=caller.call_sid, parameters=parameters)
+    result = await asyncio.wait_for(again.run([CallerTurn(silence_ms=1000)]), 60)
+    assert not result.closed_by_server
+
+    async def ended() -> bool:
+        return (await _call(second.base_url, caller.call_sid)).get("end_reason") == "stop"
+
+    await eventually(ended, 10)
+    stored = await _call(second.base_url, caller.call_sid)
+    said = [(u["role"], u["text"]) for u in stored["utterances"]]
+    assert [role for role, _ in said] == ["bot", "caller", "bot", "bot"]
+    assert said[2:] == [("bot", RESUME), ("bot", REPLY)]
+    caller_turn = stored["utterances"][1]["turn"]
+    assert [u["turn"] for u in stored["utterances"][2:]] == [caller_turn, caller_turn]
+    # The LLM was asked on the history before the resume line: the question last.
+    answered = fake_openai.chat_requests[-1]
+    assert answered.messages[-1] == {"role": "user", "content": said[1][1]}
+    # Not a measured turn: no latency parts stored for it.
+    assert all(m["turn"] != caller_turn or m["v2v_ms"] is None for m in stored["metrics"])

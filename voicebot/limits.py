@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,8 +28,8 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from pipeline.events import utcnow
-from telephony.stream import LimitHook
+from pipeline.events import PipelineEvent
+from telephony.stream import EndHook, LimitHook
 from webhooks.security import SIGNATURE_HEADER, SignatureGuard, TrustedProxies
 
 log = logging.getLogger(__name__)
@@ -246,14 +246,15 @@ def twilio_hang_up(state: Any) -> LimitHook:
     return hang_up
 
 
-def store_end(state: Any) -> LimitHook:
-    """The hook that stores a stream's end (one that is not a drop) before its socket closes
-    (`TwilioStream`'s `on_end`), so `/twilio/stream-ended` does not take it for a drop."""
+def store_end(state: Any) -> EndHook:
+    """The hook that stores a stream's start and end (an end that is not a drop) before its
+    socket closes (`TwilioStream`'s `on_end`), so `/twilio/stream-ended` takes it for neither
+    a drop nor a refusal. The recorder writes the same events again later: a no-op."""
 
-    async def store(call_sid: str, reason: str) -> None:
+    async def store(events: Sequence[PipelineEvent]) -> None:
         calls = getattr(state, "calls", None)
         if calls is not None:
-            await calls.finalize_call(call_sid, ended_at=utcnow(), reason=reason)
+            await calls.write_events(events)
 
     return store
 

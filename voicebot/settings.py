@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     # the call then hangs up). The bot says `resume_message` and carries on with the call's
     # transcript (webhooks/stream_ended.py).
     stream_resumes: int = Field(default=2, ge=0, le=10)
-    resume_message: str = "Sorry, the line dropped for a moment. Please go on."
+    resume_message: str = "Sorry, the line dropped for a moment."
 
     # Turn-taking.
     endpoint_silence_ms: int = Field(default=500, ge=100, le=3000)
