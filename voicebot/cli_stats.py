@@ -64,6 +64,7 @@ class StatsReport:
     errors: dict[str, int] = field(default_factory=dict)
     calls_with_errors: int = 0
     barge_ins: int = 0
+    streams_resumed: int = 0  # media streams connected again after a drop
 
     def error_rate(self, stage: str) -> float:
         """Errors of `stage` per bot turn (a failed turn still counts as a turn)."""
@@ -90,7 +91,7 @@ async def collect(database_url: str, since: datetime) -> StatsReport:
             rows = (await db.execute(select(*columns).join(Call).where(in_window))).all()
             events = (await db.execute(
                 select(CallEventRow.call_id, CallEventRow.type, CallEventRow.detail)
-                .join(Call).where(in_window, CallEventRow.type.in_(("error", "barge_in")))
+                .join(Call).where(in_window, CallEventRow.type.in_(("error", "barge_in", "resumed")))
             )).all()
     finally:
         await engine.dispose()
@@ -106,6 +107,9 @@ async def collect(database_url: str, since: datetime) -> StatsReport:
         if kind == "barge_in":
             report.barge_ins += 1
             continue
+        if kind == "resumed":
+            report.streams_resumed += 1
+            continue
         stage = detail.get("stage") if isinstance(detail, dict) else None
         errors[str(stage or "unknown")] += 1
         failed_calls.add(call_id)
@@ -117,7 +121,9 @@ async def collect(database_url: str, since: datetime) -> StatsReport:
 def render(report: StatsReport) -> str:
     """The report as a plain-text table."""
     lines = [f"calls since {report.since:%Y-%m-%d %H:%M:%S} UTC: {report.calls}"
-             f"   bot turns with metrics: {report.turns}   barge-ins: {report.barge_ins}"]
+             f"   bot turns with metrics: {report.turns}   barge-ins: {report.barge_ins}"
+             + (f"   streams resumed: {report.streams_resumed}" if report.streams_resumed
+                else "")]
     if report.outcomes:
         lines.append("outcomes: " + ", ".join(
             f"{reason} {n}" for reason, n in sorted(report.outcomes.items(), key=lambda i: -i[1])))

@@ -47,6 +47,8 @@ async def test_stats_cover_the_window_only(repository: CallRepository, database_
     await _store_call(repository, "CAone", now - timedelta(minutes=20), [800.0, 1000.0, 1200.0])
     await _store_call(repository, "CAtwo", now - timedelta(minutes=5), [900.0, 1100.0],
                       reason="disconnect", errors=("stt", "tts"))
+    await repository.add_event("CAone", "resumed", {"attempt": 1, "utterances": 4},
+                               now - timedelta(minutes=19))
 
     report = await collect(database_url, now - timedelta(hours=1))
 
@@ -62,8 +64,10 @@ async def test_stats_cover_the_window_only(repository: CallRepository, database_
     assert report.errors == {"stt": 1, "tts": 1}
     assert report.error_rate("stt") == pytest.approx(1 / 5)
     assert report.calls_with_errors == 1 and report.barge_ins == 2
+    assert report.streams_resumed == 1
     table = render(report)
     assert "v2v_ms" in table and "1000.0" in table and "20.00%" in table
+    assert "streams resumed: 1" in table
 
 
 def test_stats_is_a_voicebot_command() -> None:
