@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 REPLY = "We open at nine tomorrow morning."
 RESUME = "Sorry, the line dropped for a moment."
+PROMPT = "You answer questions about the Corner Bistro, briefly."
 
 
 def _env(tmp_path: Path, fake: FakeOpenAi, spool: str) -> dict[str, str]:
@@ -89,7 +90,7 @@ async def test_a_call_goes_on_after_its_server_dies(
     fake_openai.script(Rule(when="open", reply=REPLY), default_reply="Okay.")
     turn = CallerTurn(wav=str(fixtures_dir / "open_hours.wav"))
     caller = SimulatedCaller(first.media_url, from_number="+15550100007",
-                             direction="inbound")
+                             direction="inbound", parameters={"system_prompt": PROMPT})
     call_sid = caller.call_sid
     call = asyncio.create_task(caller.run([turn, turn]))
 
@@ -106,8 +107,9 @@ async def test_a_call_goes_on_after_its_server_dies(
     # Twilio asks the <Connect>'s action (through the load balancer: the server that is up).
     action, url, parameters = _connect(await _stream_ended(second.base_url, call_sid))
     assert url.endswith("/twilio/media") and action.endswith("/twilio/stream-ended?resumes=1")
+    # The call's own parameters (an outbound call's system prompt) come back with it.
     assert parameters == {"from": "+15550100007", "to": "+15550100002",
-                          "direction": "inbound", "resume": "1"}
+                          "direction": "inbound", "resume": "1", "system_prompt": PROMPT}
     requests_before = len(fake_openai.chat_requests)
 
     again = SimulatedCaller(second.media_url, call_sid=call_sid, parameters=parameters,
@@ -135,6 +137,7 @@ async def test_a_call_goes_on_after_its_server_dies(
     answered = [r for r in fake_openai.chat_requests[requests_before:]
                 if r.last_user_message == said[4][1]]
     assert answered
+    assert PROMPT in answered[-1].messages[0]["content"]
     contents = [(m["role"], m["content"]) for m in answered[-1].messages
                 if m["role"] != "system"]
     assert contents == [("assistant", said[0][1]), ("user", said[1][1]),

@@ -140,8 +140,7 @@ class Services:
     async def warm_up(self) -> None:
         """Synthesize the fixed phrases once, so the greeting leaves within milliseconds of
         `start` and the apology plays even when TTS is what failed."""
-        for phrase in (self.settings.greeting, self.settings.apology,
-                       self.settings.resume_message):
+        for phrase in (self.settings.greeting, self.settings.apology):
             if phrase:
                 await self.engines.warm_phrase(phrase)
 
