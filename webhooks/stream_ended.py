@@ -23,8 +23,9 @@ the WebSocket closes (Media Streams docs), so by the time this runs, either:
   counted in the action's query string); after that, or with 0, a hang-up.
 
 "Started" and how the call ended are what the database says (`CallRepository.stream_end`:
-the stream's `start` was stored, by whichever server took it). An end we chose (the bot hung
-up, a limit) is stored before our side closes the socket (`TwilioStream`'s `on_end`); a drop
+the stream's `start` was stored, by whichever server took it). Any end but a drop (a `stop`,
+the bot hanging up, a limit) is stored with the stream's start before our side closes the
+socket (`TwilioStream`'s `on_end`); a drop
 (`DROPPED_REASONS`) or no end at all (a worker that died stores nothing) is what gets the
 stream connected again. When the call cannot be read (the database is down), or is no longer
 in progress (the caller hung up: nothing would be played), the answer is `<Hangup/>`.
