@@ -195,6 +195,13 @@ EVENT_LABELS = [
         {"call_sid": "CA1", "stream_sid": "MZ1", "stream_name": None, "event": "stream-started",
          "error": None, "timestamp": None},
         "Media stream started", "", id="stream_status"),
+    pytest.param(  # Conversation.begin on a stream connected again after a drop
+        "resumed", {"attempt": 1, "utterances": 5},
+        "Media stream dropped and reconnected (attempt 1)", "went on with 5 stored utterances",
+        id="resumed"),
+    pytest.param(  # Conversation.begin: the call's own stream parameters
+        "parameters", {"system_prompt": "Sell tickets.", "greeting": "Hi!"},
+        "Call parameters", "greeting, system_prompt", id="parameters"),
 ]
 
 
