@@ -161,3 +161,57 @@ def test_several_workers_share_one_login_secret_when_none_is_set() -> None:
     assert len(made) >= 32
     share_login_secret(2, env)
     assert env["UI_SECRET"] == made  # an existing secret (the user's) is kept
+
+
+DEAD_NAMESPACE = f"dead-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("server", [{"workers": 2, "env": {
+    "REDIS_URL": REDIS_URL, "REDIS_NAMESPACE": DEAD_NAMESPACE, "MAX_CONCURRENT_CALLS": "1",
+    "ADMISSION_LEASE_TTL_S": "120"}}], indirect=True)
+async def test_a_dead_workers_lines_come_free_at_once(server: ServerProcess) -> None:
+    """A worker killed with a call on it: the supervisor gives its line back when it reaps
+    it, not when the lease would expire (120 s here), so the call, connected again, and new
+    calls find the line free."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(REDIS_URL)
+    key = f"{DEAD_NAMESPACE}:active"
+    try:
+        async with websockets.connect(server.media_url) as ws:
+            await ws.send(json.dumps({"event": "connected", "protocol": "Call",
+                                      "version": "1.0.0"}))
+            await ws.send(json.dumps({
+                "event": "start", "streamSid": "MZ1", "sequenceNumber": "1",
+                "start": {"streamSid": "MZ1", "callSid": "CA" + uuid.uuid4().hex,
+                          "tracks": ["inbound"], "customParameters": {},
+                          "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
+                                          "channels": 1}},
+            }))
+            await asyncio.wait_for(ws.recv(), 10)  # the greeting: the call holds the line
+            assert await refused(server.media_url)
+            [token] = await redis.zrange(key, 0, -1)
+            pid = token.decode().split(":")[1]  # tokens: host:pid:random
+            os.kill(int(pid), signal.SIGKILL)
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+
+        async def line_free() -> bool:
+            return await redis.zcard(key) == 0
+
+        await eventually(line_free, 10)
+        assert f"freed 1 line(s) of dead worker {pid}" in server.log()
+        # A worker (the one left, or its replacement) takes the next call at once.
+        await eventually(lambda: server_admits(server.media_url), 30)
+    finally:
+        await redis.aclose()
+
+
+async def server_admits(url: str) -> bool:
+    try:
+        async with websockets.connect(url, open_timeout=5):
+            return True
+    except (InvalidStatus, OSError):
+        return False

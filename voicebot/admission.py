@@ -5,8 +5,9 @@ a *lease*: with `REDIS_URL`, a member of the sorted set `{REDIS_NAMESPACE}:activ
 is its expiry (Redis server time, ms). Taking a lease is one Lua script (drop expired leases,
 count, add if below the limit), so two workers racing for the last line cannot both win. A
 heartbeat re-asserts this worker's leases every `ttl/3`; a worker that crashes stops refreshing
-and its lines come free within `ADMISSION_LEASE_TTL_S`. Without Redis the leases live in this
-process (one worker).
+and its lines come free within `ADMISSION_LEASE_TTL_S`, or at once when its supervisor reaps it
+(`free_worker_leases`: a lease's token starts with its worker's host and pid). Without Redis
+the leases live in this process (one worker).
 
 If Redis stops answering, calls are admitted against this worker's own count (a phone bot that
 refuses every call because its coordinator is down is worse than one briefly over its limit);
@@ -129,6 +130,36 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 
+def worker_prefix(pid: int, host: str | None = None) -> str:
+    """The start of every lease token the worker process `pid` on `host` takes."""
+    return f"{host or socket.gethostname()}:{pid}:"
+
+
+def free_worker_leases(url: str, namespace: str, pid: int, timeout_s: float = 1.0) -> int:
+    """Give back at once the lines a dead worker process of this machine held, instead of
+    after `ADMISSION_LEASE_TTL_S`: its calls' streams dropped with it, and the ones connected
+    again (webhooks/stream_ended.py) must not find the deployment full of its leases. For the
+    supervisor (no event loop: synchronous, bounded); returns how many it freed, never
+    raises."""
+    import redis
+    from redis.exceptions import RedisError
+
+    key = f"{namespace}:active"
+    prefix = worker_prefix(pid).encode()
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        held = [member for member, _ in client.zscan_iter(key) if member.startswith(prefix)]
+        if held:
+            client.zrem(key, *held)
+        return len(held)
+    except (RedisError, OSError) as exc:
+        log.warning("could not free the leases of dead worker %d: %s (they expire anyway)",
+                    pid, type(exc).__name__)
+        return 0
+    finally:
+        client.close()
+
+
 class RedisLeases:
     """Leases in the Redis sorted set `{namespace}:active` (member: token, score: expiry ms)."""
 
@@ -222,7 +253,7 @@ class Admission:
         self._demand: deque[tuple[float, float, int]] = deque(maxlen=window + 1)
         self._loop_demand = loop_demand or loop_thread_demand_s
         self._leases: dict[str, Lease] = {}
-        self._prefix = f"{socket.gethostname()}:{os.getpid()}:"
+        self._prefix = worker_prefix(os.getpid())
         self._tasks: list[asyncio.Task[None]] = []
         self._store_down_until = 0.0
         self._idle = asyncio.Event()

@@ -28,7 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(host=args.host, port=args.port, workers=max(1, args.workers),
                  grace_s=settings.drain_grace_s, log_level=settings.log_level,
                  ws_max_size=settings.max_message_bytes, redis_url=settings.redis_url,
-                 sqlite_url=settings.database_url if settings.sqlite_path else None)
+                 sqlite_url=settings.database_url if settings.sqlite_path else None,
+                 redis_namespace=settings.redis_namespace)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

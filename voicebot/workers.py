@@ -12,7 +12,9 @@ cut calls off mid-sentence. So the first SIGTERM (or Ctrl-C) does not reach uvic
 worker stops admitting (`/readyz` answers 503, `/twilio/voice` busy TwiML, new media streams
 1013), waits until its calls have ended or `DRAIN_GRACE_S` has passed, and only then lets
 uvicorn shut down. A second Ctrl-C leaves at once. The supervisor forwards SIGTERM to every
-worker and exits when they all have; it restarts a worker that dies on its own.
+worker and exits when they all have; it restarts a worker that dies on its own, and gives
+back the Redis admission leases the dead worker held (`free_worker_leases`), so its calls,
+connected again through `/twilio/stream-ended`, find their lines free.
 
 Two bounds make sure a worker does exit. Once its shutdown has begun, a watchdog thread gives
 its `run` `EXIT_LIMIT_S` to return (uvicorn's own graceful shutdown and the app's lifespan fit
@@ -45,6 +47,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
+from voicebot.admission import free_worker_leases
 from voicebot.ws_protocol import DirectTextProtocol
 
 log = logging.getLogger(__name__)
@@ -267,11 +270,14 @@ def _bound(family: socket.AddressFamily, host: str, port: int, *,
 class Supervisor:
     """Keeps N worker processes running; on SIGTERM/SIGINT forwards it and waits for them."""
 
-    def __init__(self, config: uvicorn.Config, workers: int, grace_s: float, log_level: str):
+    def __init__(self, config: uvicorn.Config, workers: int, grace_s: float, log_level: str,
+                 redis_url: str | None = None, redis_namespace: str = "voicebot"):
         self.config = config
         self.workers = workers
         self.grace_s = grace_s
         self.log_level = log_level
+        self.redis_url = redis_url
+        self.redis_namespace = redis_namespace
         self._context = multiprocessing.get_context("spawn")
         self._stop_signals: list[int] = []
         self._processes: list[Any] = []
@@ -313,6 +319,11 @@ class Supervisor:
                     continue  # running, or already dealt with
                 reaped.add(process.pid)
                 _mark_dead(process.pid)
+                if self.redis_url and process.exitcode != 0:
+                    # Its calls' lines, now rather than when their leases expire.
+                    freed = free_worker_leases(self.redis_url, self.redis_namespace, process.pid)
+                    if freed:
+                        log.warning("freed %d line(s) of dead worker %d", freed, process.pid)
                 if stopping:
                     continue
                 if process.exitcode == STARTUP_FAILURE:
@@ -369,6 +380,7 @@ def serve(
     factory: str = FACTORY,
     redis_url: str | None = None,
     sqlite_url: str | None = None,
+    redis_namespace: str = "voicebot",
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain; returns the process exit code.
 
@@ -398,7 +410,7 @@ def serve(
         if workers <= 1:
             DrainingServer(config, grace_s).run()
             return 0
-        return Supervisor(config, workers, grace_s, log_level).run()
+        return Supervisor(config, workers, grace_s, log_level, redis_url, redis_namespace).run()
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -420,7 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  grace_s=float(getattr(settings, "drain_grace_s", 30.0)),
                  log_level=settings.log_level, ws_max_size=settings.max_message_bytes,
                  factory=args.factory, redis_url=settings.redis_url,
-                 sqlite_url=settings.database_url if settings.sqlite_path else None)
+                 sqlite_url=settings.database_url if settings.sqlite_path else None,
+                 redis_namespace=settings.redis_namespace)
 
 
 if __name__ == "__main__":
