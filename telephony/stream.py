@@ -106,6 +106,12 @@ LIMIT_REASONS = frozenset({"max_duration", "send_timeout"})
 # (the network, a worker going away past its drain grace), or our own handling failed.
 DROPPED_REASONS = frozenset({"disconnect", "error"})
 
+
+def is_drop(end_reason: str | None) -> bool:
+    """Did a stream that ran end by dropping, as stored: a reason in `DROPPED_REASONS`, or no
+    end at all (its worker died before storing one)?"""
+    return end_reason is None or end_reason in DROPPED_REASONS
+
 # The direct path's backlog (messages waiting behind one that left async work): reading the
 # socket pauses at this many and resumes when it is down to the second.
 BACKLOG_PAUSE = 100

@@ -130,9 +130,9 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 
-def worker_prefix(pid: int, host: str | None = None) -> str:
-    """The start of every lease token the worker process `pid` on `host` takes."""
-    return f"{host or socket.gethostname()}:{pid}:"
+def worker_prefix(pid: int) -> str:
+    """The start of every lease token the worker process `pid` of this machine takes."""
+    return f"{socket.gethostname()}:{pid}:"
 
 
 def free_worker_leases(url: str, namespace: str, pid: int, timeout_s: float = 1.0) -> int:

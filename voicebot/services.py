@@ -25,8 +25,9 @@ from pipeline.listener import EndpointConfig
 from pipeline.speech import AudioSink
 from telephony.call_control import TwilioCallControl
 from telephony.rest import TwilioRest
-from telephony.stream import DROPPED_REASONS
+from telephony.stream import is_drop
 from voicebot.settings import Settings
+from webhooks.voice import resume_count
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ RESUME_WINDOW_S = 300.0
 
 
 def _dropped_lately(end_reason: str | None, ended_at: datetime | None) -> bool:
-    if end_reason is None:
+    if end_reason is None:  # in progress as far as the record goes
         return True
-    return (end_reason in DROPPED_REASONS and ended_at is not None
+    return (is_drop(end_reason) and ended_at is not None
             and (utcnow() - ended_at).total_seconds() <= RESUME_WINDOW_S)
 
 
@@ -102,9 +103,8 @@ class Services:
         control = None
         if end_stream is not None:
             control = TwilioCallControl(call.call_sid, end_stream, self.twilio_rest)
-        attempt = call.parameters.get("resume", "")
-        resumed = (await self.resumed(call.call_sid, int(attempt))
-                   if attempt.isdigit() and len(attempt) <= 2 else None)
+        attempt = resume_count(call.parameters.get("resume", ""))
+        resumed = await self.resumed(call.call_sid, attempt) if attempt is not None else None
         return Conversation(call, self.engines, sink, self.bus, self.conversation_config(),
                             caller_context=context, control=control, resumed=resumed)
 

@@ -47,9 +47,9 @@ from starlette.routing import Route
 from twilio.twiml.voice_response import VoiceResponse
 
 from db.records import StreamEnd
-from telephony.stream import DROPPED_REASONS
+from telephony.stream import is_drop
 from webhooks.outbound import busy_twiml
-from webhooks.voice import STREAM_ENDED_PATH, public_host, stream_twiml
+from webhooks.voice import STREAM_ENDED_PATH, public_host, resume_count, stream_twiml
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,12 @@ async def stream_ended(request: Request) -> Response:
 def _resumes(request: Request) -> int | None:
     """The attempts so far, from the action's query string (`webhooks.voice.stream_twiml`);
     None when it is not a small count (not an action we wrote)."""
-    value = request.query_params.get("resumes", "0")
-    return int(value) if value.isdigit() and len(value) <= 2 else None
+    return resume_count(request.query_params.get("resumes", "0"))
 
 
 def _after_a_stream(request: Request, call_sid: str, stream: StreamEnd) -> str:
     """TwiML for a call whose stream ran: connect it again if it dropped, else hang up."""
-    if stream.end_reason is not None and stream.end_reason not in DROPPED_REASONS:
+    if not is_drop(stream.end_reason):
         log.info("stream ended (%s), hanging up call_sid=%s", stream.end_reason, call_sid)
         return hangup_twiml()
     settings = getattr(request.app.state, "settings", None)

@@ -23,6 +23,12 @@ def public_host(request: Request, public_url: str | None) -> str:
     return request.headers.get("host") or request.url.netloc
 
 
+def resume_count(value: str) -> int | None:
+    """A resume attempt count as `stream_twiml` writes it (the action's `resumes`, the
+    stream's `resume` parameter): a small non-negative number, else None."""
+    return int(value) if value.isdigit() and len(value) <= 2 else None
+
+
 def stream_twiml(host: str, parameters: dict[str, str], resumes: int = 0) -> str:
     """TwiML that connects the call to `wss://<host>/twilio/media` with `parameters`; when the
     stream ends Twilio asks `/twilio/stream-ended` what comes next (`webhooks.stream_ended`:
