@@ -194,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
 
     # The sessions the server makes (one thread each, the same options), for both models.
-    stock = SileroSession().session
+    stock = SileroSession(fast=False).session
     batched = SileroSession(batched_model_bytes()).session
     worst = check_exact(stock, batched)
     print(f"batched against stock, 7 streams × 40 windows of speech: largest difference {worst}")

@@ -22,7 +22,7 @@ from media.vad import SileroSession
 
 @pytest.fixture(scope="module")
 def stock() -> object:
-    return SileroSession().session
+    return SileroSession(fast=False).session
 
 
 def test_the_batched_model_matches_the_stock_model_stream_by_stream(stock: object) -> None:

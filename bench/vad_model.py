@@ -1,0 +1,98 @@
+"""Silero VAD per window: the stock graph against the rewritten one (media/silero_graph.py).
+
+Times one model run of 1, 3 and 4 consecutive windows (the listener scores a call's windows
+three or four at a time, `SileroVad.score_run`), best of `--repeats` rounds of `--runs` runs,
+from the settled silence state, on windows of real speech (the fixture "one two three"). Both
+models run in this process, alternated round by round (the machine's speed drifts). Prints a
+table and writes bench/results/vad_model.json.
+
+    .venv/bin/python bench/vad_model.py
+    .venv/bin/python bench/vad_model.py --sizes 1 3 --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from media.audiofile import read_wav  # noqa: E402
+from media.resample import resample  # noqa: E402
+from media.vad import CONTEXT, WINDOW, SileroSession  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "one_two_three.wav"
+
+
+def _rows(count: int) -> np.ndarray:
+    """`count` consecutive voiced windows with their context, as the model takes them."""
+    audio = resample(read_wav(str(FIXTURE), 8000).astype(np.float32) / 32768, 8000, 16000)
+    start = 20 * WINDOW  # inside "one"
+    rows = [audio[start + i * WINDOW - CONTEXT : start + (i + 1) * WINDOW]
+            for i in range(count)]
+    return np.stack(rows).astype(np.float32)
+
+
+def _time(session: SileroSession, rows: np.ndarray, runs: int) -> float:
+    """µs per window over `runs` runs of `rows`."""
+    h, c = session.silence_state
+    feeds = {"input": rows, "h": h, "c": c}
+    run = session.session.run
+    start = time.perf_counter()
+    for _ in range(runs):
+        run(None, feeds)
+    return (time.perf_counter() - start) / runs / len(rows) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 3, 4])
+    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "vad_model.json"))
+    args = parser.parse_args()
+
+    models = {"stock": SileroSession(fast=False), "fast": SileroSession()}
+    assert models["fast"].kind == "fast", "the rewritten model did not load (see the log)"
+    results = []
+    print(f"{'windows per run':>15} {'stock µs/window':>16} {'fast µs/window':>15} {'ratio':>6}")
+    for size in args.sizes:
+        rows = _rows(size)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for session in models.values():  # warm up
+            _time(session, rows, 200)
+        for _ in range(args.repeats):
+            for name, session in models.items():
+                times[name].append(_time(session, rows, args.runs))
+        best = {name: min(values) for name, values in times.items()}
+        median = {name: statistics.median(values) for name, values in times.items()}
+        ratio = best["fast"] / best["stock"]
+        print(f"{size:>15} {best['stock']:>16.1f} {best['fast']:>15.1f} {ratio:>6.2f}")
+        results.append({"windows_per_run": size, "best_us_per_window": best,
+                        "median_us_per_window": median, "runs": times})
+    out = {"machine": platform.processor() or platform.machine(),
+           "cpu": _cpu_model(), "date": time.strftime("%Y-%m-%d"), "results": results}
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+if __name__ == "__main__":
+    main()

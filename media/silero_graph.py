@@ -1,0 +1,168 @@
+"""Silero v6's encoder rewritten as matrix products: the same model, less than half the CPU.
+
+The stock graph (faster-whisper's `silero_vad_v6.onnx`) computes its STFT as a 1-D
+convolution with a 256-sample kernel, and its four encoder layers as 1-D convolutions over 4,
+2 and 1 time steps. ONNX Runtime runs those convolutions through im2col and a GEMM shaped for
+images (channels × time, with time 1 to 4), and they were two thirds of a window's cost. This
+module builds a graph that computes the same function with the same weights, laid out for
+matrix products over rows of (window, time step):
+
+- the STFT: the window (576 samples with its context) padded on the right by reflection as the
+  stock graph pads it, cut into five 128-sample blocks, and the four frames the model keeps
+  (the stock graph computes five and drops the first) gathered as pairs of blocks and
+  multiplied by the transposed STFT basis: one MatMul;
+- the magnitude: squares of the real and imaginary halves, summed and square-rooted;
+- each encoder layer (kernel 3, padding 1, stride 1 or 2): its taps gathered from the
+  zero-padded time steps (one Gather with precomputed indices) and one Gemm with the bias,
+  then ReLU; a layer over one or two time steps keeps only the taps that see audio;
+- the LSTM, the decoder and the outputs are the stock graph's own nodes.
+
+Rows are independent until the LSTM, so consecutive windows of a stream still go through in
+one run as a sequence. The probabilities and states agree with the stock model to within
+float rounding (about 1e-6; `tests/media/test_silero_graph.py` checks real speech), not bit
+for bit: the sums run in another order. `bench/vad_model.py` times both.
+
+`fast_model_bytes` checks the stock graph's shape before rewriting (a different model raises
+`UnsupportedGraph`), and `SileroSession` compares the two models on a probe at start-up and
+falls back to the stock one if they disagree (`media/vad.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+STFT_BASIS = "encoder.feature_extractor.forward_basis_buffer"
+LSTM_INPUT = "/Transpose_output_0"  # the stock encoder's output, laid out for the LSTM
+LAYER_STRIDES = (1, 2, 2, 1)  # the encoder's four convolutions
+FRAMES = 4  # STFT frames per window that reach the encoder
+BLOCK = 128  # the STFT's hop
+ROW = 576  # a window with its context
+
+
+class UnsupportedGraph(ValueError):
+    """The model is not the Silero v6 graph this rewrite knows."""
+
+
+def _check(condition: bool, what: str) -> None:
+    if not condition:
+        raise UnsupportedGraph(f"not the Silero v6 graph this rewrite knows: {what}")
+
+
+def fast_model_bytes(model: Path | str | bytes) -> bytes:
+    """The rewritten model, serialized, from the stock one (a file or its bytes)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    stock = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    graph = stock.graph
+    weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    nodes = list(graph.node)
+    _check([i.name for i in graph.input] == ["input", "h", "c"], "inputs")
+    basis = weights.get(STFT_BASIS)
+    _check(basis is not None and basis.shape == (258, 1, 256), "STFT basis")
+    stft = next((n for n in nodes if n.op_type == "Conv" and STFT_BASIS in n.input), None)
+    _check(stft is not None and _ints(stft, "strides") == [BLOCK], "STFT stride")
+    pad = next((n for n in nodes if n.op_type == "Pad"), None)
+    _check(pad is not None and _attr(pad, "mode") == b"reflect"
+           and weights.get(pad.input[1]) is not None
+           and list(weights[pad.input[1]]) == [0, BLOCK, 0, BLOCK], "STFT padding")
+    for k, stride in enumerate(LAYER_STRIDES):
+        w = weights.get(f"encoder.conv_layers.{k}.weight")
+        _check(w is not None and w.shape[2] == 3, f"encoder layer {k}")
+        conv = next((n for n in nodes if n.input[1:2] == [f"encoder.conv_layers.{k}.weight"]),
+                    None)
+        _check(conv is not None and _ints(conv, "strides") == [stride]
+               and _ints(conv, "pads") == [1, 1], f"encoder layer {k} stride")
+    lstm_at = next((i for i, n in enumerate(nodes) if n.op_type == "LSTM"), None)
+    _check(lstm_at is not None and nodes[lstm_at].input[0] == LSTM_INPUT, "LSTM input")
+    assert lstm_at is not None
+
+    new_nodes: list[onnx.NodeProto] = []
+    new_weights: dict[str, np.ndarray] = {}
+
+    def const(name: str, value: np.ndarray) -> str:
+        new_weights[name] = value
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs: object) -> str:
+        new_nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    # The STFT: the stock graph pads 128 on each side by reflection and keeps frames 1..4 of
+    # five; those start at 0, 128, 256 and 384 of the window and only reach 64 samples into
+    # the right padding.
+    x = node("Pad", ["input", const("fast/pads", np.array([0, 0, 0, 64], np.int64))],
+             "fast/padded", mode="reflect")
+    x = node("Reshape", [x, const("fast/blocks", np.array([-1, FRAMES + 1, BLOCK], np.int64))],
+             "fast/blocks_out")
+    pairs = np.array([[t, t + 1] for t in range(FRAMES)], np.int64)
+    x = node("Gather", [x, const("fast/pairs", pairs)], "fast/frames4", axis=1)
+    x = node("Reshape", [x, const("fast/frame_rows", np.array([-1, 2 * BLOCK], np.int64))],
+             "fast/frames")
+    x = node("MatMul", [x, const("fast/stft", np.ascontiguousarray(basis[:, 0, :].T))],
+             "fast/spectrum")
+    x = node("Mul", [x, x], "fast/squares")
+    x = node("Reshape", [x, const("fast/halves", np.array([-1, 2, 129], np.int64))],
+             "fast/halves_out")
+    x = node("ReduceSum", [x, const("fast/axis1", np.array([1], np.int64))], "fast/power",
+             keepdims=0)
+    x = node("Sqrt", [x], "fast/magnitude")  # (windows × 4) × 129
+
+    steps = FRAMES
+    for k, stride in enumerate(LAYER_STRIDES):
+        w = weights[f"encoder.conv_layers.{k}.weight"]  # out × in × 3
+        bias = weights[f"encoder.conv_layers.{k}.bias"]
+        out_ch, in_ch, _ = w.shape
+        out_steps = (steps - 1) // stride + 1
+        name = f"fast/layer{k}"
+        if steps == 1:  # padding on both sides: only the middle tap sees audio
+            cols, kernel = x, w[:, :, 1].T
+        elif out_steps == 1 and stride == 2 and steps == 2:  # taps 1 and 2 see steps 0 and 1
+            cols = node("Reshape", [x, const(f"{name}/rows", np.array([-1, 2 * in_ch],
+                                                                      np.int64))], f"{name}/cols")
+            kernel = np.concatenate([w[:, :, 1].T, w[:, :, 2].T])
+        else:  # every tap: gather them from the zero-padded steps
+            x = node("Reshape", [x, const(f"{name}/steps", np.array([-1, steps, in_ch],
+                                                                    np.int64))], f"{name}/x")
+            x = node("Pad", [x, const(f"{name}/pads", np.array([0, 1, 0, 0, 1, 0], np.int64))],
+                     f"{name}/padded")
+            taps = np.array([[t * stride + j for j in range(3)] for t in range(out_steps)],
+                            np.int64)
+            x = node("Gather", [x, const(f"{name}/taps", taps)], f"{name}/gathered", axis=1)
+            cols = node("Reshape", [x, const(f"{name}/rows", np.array([-1, 3 * in_ch],
+                                                                      np.int64))], f"{name}/cols")
+            kernel = w.transpose(2, 1, 0).reshape(3 * in_ch, out_ch)
+        x = node("Gemm", [cols, const(f"{name}/kernel", np.ascontiguousarray(kernel)),
+                          const(f"{name}/bias", bias)], f"{name}/gemm")
+        x = node("Relu", [x], f"{name}/relu")
+        steps = out_steps
+    _check(steps == 1, "encoder output steps")
+    node("Reshape", [x, const("fast/lstm_rows", np.array([-1, 1, 128], np.int64))], LSTM_INPUT)
+
+    new_nodes += nodes[lstm_at:]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {name for n in graph.node for name in n.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name)
+                             for name, value in new_weights.items())
+    onnx.checker.check_model(stock)
+    return stock.SerializeToString()  # type: ignore[no-any-return]
+
+
+def _attr(node: object, name: str) -> object:
+    from onnx import helper
+
+    for attribute in node.attribute:  # type: ignore[attr-defined]
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return None
+
+
+def _ints(node: object, name: str) -> list[int] | None:
+    value = _attr(node, name)
+    return None if value is None else list(value)  # type: ignore[call-overload]

@@ -1,0 +1,127 @@
+"""The rewritten Silero graph (media/silero_graph.py) against faster-whisper's stock one."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from media import silero_graph, vad
+from media.audiofile import read_wav
+from media.mulaw import pcm16_to_ulaw, ulaw_to_pcm16
+from media.resample import resample
+from media.silero_graph import UnsupportedGraph, fast_model_bytes
+from media.vad import CONTEXT, WINDOW, SileroSession, SileroVad, silero_model_path
+
+
+@pytest.fixture(scope="module")
+def stock() -> SileroSession:
+    return SileroSession(fast=False)
+
+
+@pytest.fixture(scope="module")
+def fast() -> SileroSession:
+    return SileroSession()
+
+
+def _windows(path: str) -> np.ndarray:
+    pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(path, 8000))).astype(np.float32) / 32768
+    audio = resample(pcm, 8000, 16000).astype(np.float32)
+    return np.stack([audio[i : i + WINDOW] for i in range(0, len(audio) - WINDOW, WINDOW)])
+
+
+def test_the_default_session_runs_the_rewritten_model(stock: SileroSession,
+                                                      fast: SileroSession) -> None:
+    import onnx
+
+    assert fast.kind == "fast"
+    assert stock.kind == "stock"
+    graph = onnx.load_from_string(fast_model_bytes(silero_model_path())).graph
+    convs = [node.name for node in graph.node if node.op_type == "Conv"]
+    assert convs == ["/decoder/conv1d/Conv"]  # the encoder is matrix products
+    assert sum(node.op_type == "Gemm" for node in graph.node) == 4
+
+
+@pytest.mark.parametrize("wav", ["one_two_three.wav", "click.wav", "open_hours.wav"])
+def test_the_rewrite_scores_real_audio_as_the_stock_model_does(stock: SileroSession,
+                                                               fast: SileroSession,
+                                                               fixtures_dir, wav: str) -> None:
+    """Streamed through `SileroVad` in the runs the listener makes (1, 3 and 4 windows, a
+    gated window inside), both models give the same probabilities to float rounding."""
+    windows = _windows(str(fixtures_dir / wav))
+    quiet = np.full((1, WINDOW), 1e-4, dtype=np.float32)
+    stream = np.concatenate([windows[:10], quiet, windows[10:]])
+    sizes = [1, 3, 4, 3, 2]
+    a, b = SileroVad(stock), SileroVad(fast)
+    want: list[float] = []
+    got: list[float] = []
+    at = turn = 0
+    while at < len(stream):
+        block = stream[at : at + sizes[turn % len(sizes)]]
+        want += a.score_run(block)
+        got += b.score_run(block)
+        at += len(block)
+        turn += 1
+    assert len(want) == len(stream)
+    assert max(abs(x - y) for x, y in zip(want, got, strict=True)) < 1e-5
+    assert [x > 0.5 for x in want] == [y > 0.5 for y in got]
+    if wav != "click.wav":
+        assert max(want) > 0.9  # real speech: the comparison covers confident windows
+
+
+def test_the_states_agree_too(stock: SileroSession, fast: SileroSession, fixtures_dir) -> None:
+    rows = _windows(str(fixtures_dir / "one_two_three.wav"))[20:24]
+    rows = np.concatenate([np.zeros((4, CONTEXT), np.float32), rows], axis=1)
+    h, c = stock.silence_state
+    feeds = {"input": rows, "h": h, "c": c}
+    for want, got in zip(stock.session.run(None, feeds), fast.session.run(None, feeds),
+                         strict=True):
+        assert want.shape == got.shape
+        # The cell state is unbounded (about ±1.5 here): rounding is relative to it.
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_another_graph_is_refused() -> None:
+    import onnx
+
+    model = onnx.load(str(silero_model_path()))
+    for node in model.graph.node:
+        if node.name == "/encoder/conv_layers.1/Conv":
+            for attribute in node.attribute:
+                if attribute.name == "strides":
+                    attribute.ints[:] = [1]
+    with pytest.raises(UnsupportedGraph, match="encoder layer 1 stride"):
+        fast_model_bytes(model.SerializeToString())
+    with pytest.raises(UnsupportedGraph, match="inputs"):
+        from bench.vad_batch import batched_model_bytes
+
+        model = onnx.load_from_string(batched_model_bytes())
+        model.graph.input[0].name = "audio"
+        fast_model_bytes(model.SerializeToString())
+
+
+def test_a_rewrite_that_disagrees_falls_back_to_the_stock_model(monkeypatch, caplog) -> None:
+    """Whatever goes wrong in the rewrite, the VAD still runs: on the stock model."""
+    import onnx
+    from onnx import numpy_helper
+
+    real = silero_graph.fast_model_bytes
+
+    def off_by_a_little(path: object) -> bytes:
+        model = onnx.load_from_string(real(path))  # type: ignore[arg-type]
+        for init in model.graph.initializer:
+            if init.name == "fast/layer0/bias":
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.01,
+                                                      init.name))
+        return model.SerializeToString()  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(silero_graph, "fast_model_bytes", off_by_a_little)
+    with caplog.at_level(logging.WARNING, logger=vad.__name__):
+        session = SileroSession()
+    assert session.kind == "stock"
+    assert "disagrees" in caplog.text
+
+    def broken(path: object) -> bytes:
+        raise UnsupportedGraph("not the Silero v6 graph this rewrite knows: test")
+
+    monkeypatch.setattr(silero_graph, "fast_model_bytes", broken)
+    assert SileroSession().kind == "stock"
