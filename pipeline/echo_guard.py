@@ -36,6 +36,9 @@ RATE = 8000
 MIN_FIT_DB = 6.0  # a fitted echo path must explain at least this much of the caller's audio
 QUIET = 10 ** (-55 / 10)  # mean square below -55 dBFS: nothing to learn an echo path from
 CHECK_MS = 160  # before convergence: how much recent caller audio must follow the bot's
+# On a line that has shown no echo, while the caller talks over (or right after) the bot: look
+# for an echo every this many `refit_ms` (300 ms) rather than every one.
+QUIET_LINE_LOOKS = 3
 _SCALE = np.float32(1.0 / 32768.0)
 
 
@@ -191,9 +194,16 @@ class EchoGuard:
         # Until the first fit, look at every frame (the first words of a reply); once the line
         # has shown no echo, or the last look found the caller talking rather than an echo,
         # every `refit` is soon enough to notice one appearing (each look is an FFT
-        # correlation: a caller talking over a greeting made one per frame).
-        if self._since_fit >= (self.refit if self._filter is not None or no_echo
-                               or self._caller_talking else n):
+        # correlation: a caller talking over a greeting made one per frame). On a line that
+        # has shown no echo (a handset, most calls), while the caller talks, every
+        # `QUIET_LINE_LOOKS`th: the caller's voice hides an echo from the look anyway.
+        if self._filter is not None:
+            due = self.refit
+        elif no_echo:
+            due = self.refit * (QUIET_LINE_LOOKS if self._caller_talking else 1)
+        else:
+            due = self.refit if self._caller_talking else n
+        if self._since_fit >= due:
             self._since_fit = 0
             self._refit()
         return no_echo

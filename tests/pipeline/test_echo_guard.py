@@ -1,5 +1,7 @@
 """The echo guard's cheap arithmetic agrees with the obvious (slow) one."""
 
+import itertools
+
 import numpy as np
 
 from pipeline.echo_guard import EchoGuard, _best_lag, _fft_size, _fit_fir
@@ -66,3 +68,29 @@ def test_the_correlation_finds_what_a_direct_one_finds_at_its_fast_fft_size() ->
         assert lag == delay == max_lag - int(np.argmax(score))
         assert abs(corr - float(score.max())) < 1e-5
     assert _fft_size(9872) == 10000 and _fft_size(8080) == 8100 and _fft_size(16384) == 16384
+
+
+def test_on_a_line_without_echo_a_talking_caller_is_looked_at_every_300_ms() -> None:
+    """A handset line (the bot's voice never comes back): once 1.5 s of bot audio has shown
+    no echo, a caller talking over the bot is checked for one every third `refit_ms`, not
+    every one (each look is an FFT correlation over 1.2 s of audio)."""
+    guard = EchoGuard()
+    looks: list[int] = []
+    refit = guard._refit
+
+    def counted() -> None:
+        looks.append(guard.near_end)
+        refit()
+
+    guard._refit = counted  # type: ignore[method-assign]
+    rng = np.random.default_rng(11)
+    tone = (0.3 * 32767 * np.sin(2 * np.pi * 440 * np.arange(160) / 8000)).astype(np.int16)
+    for frame in range(250):  # the bot talks for 5 s; the caller from 2 s on
+        guard.far_end(tone, frame * 0.02)
+        caller = (np.zeros(160) if frame < 100 else rng.normal(0, 3000, 160)).astype(np.int16)
+        guard.process(caller)
+    talking = [at for at in looks if at > 100 * 160]
+    assert guard._filter is None and guard.stats.correlation < guard.min_correlation
+    gaps = {b - a for a, b in itertools.pairwise(talking[1:])}
+    assert gaps == {3 * guard.refit}  # 300 ms apart once the first look found the caller
+    assert len(talking) <= 11  # 3 s of talking: 10 or 11 looks, not 30
