@@ -37,3 +37,21 @@ def test_known_hostile_frames_raise_protocol_error() -> None:
                   '"chunk":Infinity}}',
                   b"\xff\xfe\x00", b""]:
         check_parse(frame)
+
+
+@FUZZ
+@given(messages())
+def test_the_compiled_media_reader_agrees_with_the_expressions(frame: str) -> None:
+    """Whatever the compiled reader takes, it reads as the regular expressions do."""
+    import telephony.messages as telephony_messages
+    from telephony.messages import Media
+
+    fields = telephony_messages._media_fields(frame, telephony_messages._MAX_PAYLOAD_B64)
+    if fields is None:
+        return
+    saved = telephony_messages._media_fields
+    telephony_messages._media_fields = None
+    try:
+        assert Media(*fields) == telephony_messages._media_by_layout(frame)
+    finally:
+        telephony_messages._media_fields = saved

@@ -193,3 +193,62 @@ def test_twilios_own_media_message_takes_the_layout_match() -> None:
     assert telephony_messages._media_by_layout(text) == parse_message(text.encode())
     assert telephony_messages._media_by_layout(_laid_out(" ")) is not None
     assert telephony_messages._media_by_layout(_laid_out(chunk="1e3")) is None
+
+
+# -- the compiled reader (telephony/_fastmedia.c) against the expressions ---------------------
+
+
+def _by_expressions(text: str) -> Media | None:
+    """`_media_by_layout` with the compiled reader switched off."""
+    saved = telephony_messages._media_fields
+    telephony_messages._media_fields = None
+    try:
+        return telephony_messages._media_by_layout(text)
+    finally:
+        telephony_messages._media_fields = saved
+
+
+def test_the_compiled_media_reader_is_built() -> None:
+    """setup.py builds it in place (a C compiler is part of the setup: llama.cpp needs one);
+    without it everything still works, through the expressions, only slower."""
+    assert telephony_messages._media_fields is not None
+
+
+@pytest.mark.parametrize("payload", ["", "QQ==", "QUI=", "QUJD", "AB==", "AAB=", PAYLOAD,
+                                     "////", "++++" * 54])
+def test_the_compiled_reader_reads_twilios_layout_as_the_expressions_do(payload: str) -> None:
+    text = _laid_out(payload=payload)
+    fields = telephony_messages._media_fields(text, telephony_messages._MAX_PAYLOAD_B64)
+    assert fields is not None
+    assert Media(*fields) == _by_expressions(text) == parse_message(text.encode())
+
+
+@pytest.mark.parametrize("text", [
+    _laid_out(" "),  # whitespace: the expressions' general layout reads it
+    _laid_out(payload="AAA"),
+    _laid_out(payload="AA-A"),
+    _laid_out(payload="AA\\/A"),
+    _laid_out(payload="AAAA="),
+    _laid_out(payload="AAAA==="),
+    _laid_out(payload="A==="),
+    _laid_out(payload="===="),
+    _laid_out(payload="AA=A"),
+    _laid_out(payload="AAAé"),
+    _laid_out(payload="A" * 21340),  # over `_MAX_PAYLOAD_B64`
+    _laid_out(streamSid=""),
+    _laid_out(streamSid="MZ" + "a" * 63),
+    _laid_out(track=""),
+    _laid_out(track="t" * 33),
+    _laid_out(sequenceNumber=""),
+    _laid_out(chunk="1e3"),
+    _laid_out(timestamp="1234567890123456"),
+    _laid_out()[:-1],
+    _laid_out() + " ",
+    _laid_out()[:-1] + ',"extra":1}',
+])
+def test_the_compiled_reader_leaves_the_rest_to_the_expressions(text: str) -> None:
+    """Anything but the exact compact layout with whole base64 quartets: None, and the
+    Python reader decides (and a message that is wrong says what is wrong)."""
+    assert telephony_messages._media_fields(text, telephony_messages._MAX_PAYLOAD_B64) is None
+    fast, general = _both_ways(text)
+    assert fast == general
