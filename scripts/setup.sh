@@ -152,8 +152,8 @@ vb_pip_install() {
     [[ -n "$extras" ]] && spec=".[$extras]"
 
     rm -f "$stamp"
+    vb_ensure_build_tools  # setup.py compiles telephony/_fastmedia.c; llama.cpp compiles too
     if [[ ",$extras," == *",local-llm,"* ]]; then
-        vb_ensure_build_tools
         vb_log "(the first time, llama-cpp-python compiles from source: ~9 minutes on 2 cores)"
         vb_install_llama
     fi
