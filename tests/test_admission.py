@@ -164,6 +164,34 @@ async def test_a_crashed_workers_lines_come_free_when_its_leases_expire() -> Non
 
 
 @pytest.mark.redis
+async def test_a_dropped_calls_line_is_given_back_by_its_call_sid() -> None:
+    """A machine dies with a call (no supervisor frees its leases): the server that connects
+    the call again frees the call's line by its CallSid (`free_call`, from
+    /twilio/stream-ended), so a full deployment admits the resumed stream at once. The dead
+    server's late release, if it ever comes, takes nothing from the new stream."""
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    dead = Admission(1, RedisLeases(REDIS_URL, namespace), ttl_s=30)
+    survivor = Admission(1, RedisLeases(REDIS_URL, namespace), ttl_s=30)
+    try:
+        old = await dead.admit()
+        await dead.bind(old, "CA" + "1" * 32)
+        with pytest.raises(Refused):  # every line taken, by the dropped stream's lease
+            await survivor.admit()
+        assert not await survivor.free_call("CA" + "2" * 32)  # another call: nothing bound
+        assert await survivor.free_call("CA" + "1" * 32)
+        assert not await survivor.free_call("CA" + "1" * 32)  # once
+        new = await survivor.admit()
+        await survivor.bind(new, "CA" + "1" * 32)
+        await dead.release(old)  # the old stream's end, late: neither the line nor the note
+        assert await survivor.cluster_active() == 1
+        assert await survivor.free_call("CA" + "1" * 32)  # still bound to the new stream
+        assert await survivor.cluster_active() == 0
+    finally:
+        await dead.store.aclose()
+        await survivor.store.aclose()
+
+
+@pytest.mark.redis
 async def test_the_heartbeat_keeps_a_long_call_s_lease_alive() -> None:
     namespace = f"test-{uuid.uuid4().hex[:8]}"
     worker = Admission(1, RedisLeases(REDIS_URL, namespace), ttl_s=0.6)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.slow
 REPLY = "We open at nine tomorrow morning."
 RESUME = "Sorry, the line dropped for a moment."
 PROMPT = "You answer questions about the Corner Bistro, briefly."
+REDIS_URL = os.environ.get("VOICEBOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def _env(tmp_path: Path, fake: FakeOpenAi, spool: str) -> dict[str, str]:
@@ -83,6 +86,22 @@ async def _call(base_url: str, call_sid: str) -> dict:  # type: ignore[type-arg]
     return response.json() if response.status_code == 200 else {}
 
 
+async def _killed_after_a_reply(first: ServerProcess, second: ServerProcess,
+                                caller: SimulatedCaller, turn: CallerTurn) -> None:
+    """The caller talks to `first` until the bot has answered once (as stored, read through
+    `second`), then `first` dies mid-call (SIGKILL: nothing more is stored, nothing freed)."""
+    call = asyncio.create_task(caller.run([turn, turn]))
+
+    async def answered_once() -> bool:
+        stored = await _call(second.base_url, caller.call_sid)
+        return any(u["role"] == "bot" and u["text"] == REPLY
+                   for u in stored.get("utterances", []))
+
+    await eventually(answered_once, 40)
+    first.signal(signal.SIGKILL)
+    assert (await asyncio.wait_for(call, 20)).closed_by_server
+
+
 async def test_a_call_goes_on_after_its_server_dies(
     servers: tuple[ServerProcess, ServerProcess], fake_openai: FakeOpenAi, fixtures_dir: Path
 ) -> None:
@@ -92,17 +111,7 @@ async def test_a_call_goes_on_after_its_server_dies(
     caller = SimulatedCaller(first.media_url, from_number="+15550100007",
                              direction="inbound", parameters={"system_prompt": PROMPT})
     call_sid = caller.call_sid
-    call = asyncio.create_task(caller.run([turn, turn]))
-
-    async def answered_once() -> bool:
-        stored = await _call(second.base_url, call_sid)
-        return any(u["role"] == "bot" and u["text"] == REPLY
-                   for u in stored.get("utterances", []))
-
-    await eventually(answered_once, 40)
-    first.signal(signal.SIGKILL)  # the server dies mid-call: nothing more is stored
-    dropped = await asyncio.wait_for(call, 20)
-    assert dropped.closed_by_server
+    await _killed_after_a_reply(first, second, caller, turn)
 
     # Twilio asks the <Connect>'s action (through the load balancer: the server that is up).
     action, url, parameters = _connect(await _stream_ended(second.base_url, call_sid))
@@ -149,6 +158,39 @@ async def test_a_call_goes_on_after_its_server_dies(
     # The call ended with a `stop` this time: Twilio's next question gets a hang-up.
     twiml = await _stream_ended(second.base_url, call_sid, "?resumes=1")
     assert "<Hangup" in twiml and "<Connect" not in twiml
+
+
+@pytest.mark.redis
+async def test_a_full_deployment_takes_back_a_call_whose_machine_died(
+    tmp_path: Path, fake_openai: FakeOpenAi, fixtures_dir: Path
+) -> None:
+    """Two servers sharing Redis with one line between them (`MAX_CONCURRENT_CALLS=1`). The
+    server carrying the call dies, its lease with it (nothing left on that machine to free
+    it; it would expire after `ADMISSION_LEASE_TTL_S`, 30 s). The other server's
+    `/twilio/stream-ended` gives the call's line back by its CallSid before connecting it
+    again, so the resumed stream is admitted at once instead of refused as over the limit."""
+    fake_openai.script(Rule(when="open", reply=REPLY), default_reply="Okay.")
+    shared = {"REDIS_URL": REDIS_URL, "REDIS_NAMESPACE": f"resume-{uuid.uuid4().hex[:8]}",
+              "MAX_CONCURRENT_CALLS": "1", "ADMISSION_LEASE_TTL_S": "30"}
+    first = ServerProcess(tmp_path, {**_env(tmp_path, fake_openai, "spool-a"), **shared},
+                          name="a")
+    second = ServerProcess(tmp_path, {**_env(tmp_path, fake_openai, "spool-b"), **shared},
+                           name="b")
+    try:
+        await first.start()
+        await second.start()
+        turn = CallerTurn(wav=str(fixtures_dir / "open_hours.wav"))
+        caller = SimulatedCaller(first.media_url, direction="inbound")
+        call_sid = caller.call_sid
+        await _killed_after_a_reply(first, second, caller, turn)
+        _, _, parameters = _connect(await _stream_ended(second.base_url, call_sid))
+        again = SimulatedCaller(second.media_url, call_sid=call_sid, parameters=parameters,
+                                direction="inbound")
+        result = await asyncio.wait_for(again.run([turn]), 60)
+        assert not result.closed_by_server and result.turns[0].latency_ms is not None
+    finally:
+        first.kill()
+        second.kill()
 
 
 async def test_a_bot_that_hangs_up_is_not_taken_for_a_drop(

@@ -81,6 +81,18 @@ class LeaseStore(Protocol):
 
     async def count(self) -> int: ...
 
+    async def bind(self, token: str, call_sid: str) -> None:
+        """Note which call the lease `token` carries (its stream's `start` named it)."""
+        ...
+
+    async def unbind(self, token: str, call_sid: str) -> None:
+        """Forget that note, unless another stream of the call has bound since."""
+        ...
+
+    async def free_call(self, call_sid: str) -> bool:
+        """Give back the lease bound to `call_sid`, whoever holds it: True if there was one."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -89,6 +101,7 @@ class LocalLeases:
 
     def __init__(self) -> None:
         self.tokens: set[str] = set()
+        self.calls: dict[str, str] = {}  # call SID → its lease's token
 
     async def acquire(self, token: str, limit: int, ttl_s: float) -> bool:
         if len(self.tokens) >= limit:
@@ -105,8 +118,23 @@ class LocalLeases:
     async def count(self) -> int:
         return len(self.tokens)
 
+    async def bind(self, token: str, call_sid: str) -> None:
+        self.calls[call_sid] = token
+
+    async def unbind(self, token: str, call_sid: str) -> None:
+        if self.calls.get(call_sid) == token:
+            del self.calls[call_sid]
+
+    async def free_call(self, call_sid: str) -> bool:
+        token = self.calls.pop(call_sid, None)
+        if token is None or token not in self.tokens:
+            return False
+        self.tokens.discard(token)
+        return True
+
     async def aclose(self) -> None:
         self.tokens.clear()
+        self.calls.clear()
 
 
 # Redis server time in ms (TIME: seconds, microseconds), so machines' clocks never matter.
@@ -124,6 +152,21 @@ _REFRESH = _NOW + """
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
 return #ARGV - 1
 """
+# A call's lease, by its CallSid (`{namespace}:call:<CallSid>` holds the token): taken away
+# from whoever holds it, only if it is still the call's (compare, then delete).
+_FREE_CALL = """
+local token = redis.call('GET', KEYS[2])
+if not token then return 0 end
+redis.call('DEL', KEYS[2])
+return redis.call('ZREM', KEYS[1], token)
+"""
+_UNBIND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# How long the CallSid → token note lives without an `unbind` (its worker died): longer than
+# any call, and its lease is gone by then anyway.
+CALL_NOTE_TTL_S = 24 * 3600
 _COUNT = _NOW + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
@@ -169,12 +212,15 @@ class RedisLeases:
         from redis.backoff import NoBackoff
 
         self.key = f"{namespace}:active"
+        self.call_prefix = f"{namespace}:call:"
         self.op_timeout_s = op_timeout_s
         self.redis = Redis.from_url(url, socket_connect_timeout=op_timeout_s,
                                     socket_timeout=op_timeout_s, retry=Retry(NoBackoff(), 1))
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._refresh = self.redis.register_script(_REFRESH)
         self._count = self.redis.register_script(_COUNT)
+        self._free_call = self.redis.register_script(_FREE_CALL)
+        self._unbind = self.redis.register_script(_UNBIND)
 
     async def _run(self, operation: str, action: Awaitable[object]) -> object:
         from redis.exceptions import RedisError
@@ -199,6 +245,18 @@ class RedisLeases:
 
     async def count(self) -> int:
         return int(await self._run("count", self._count(keys=[self.key])))  # type: ignore[call-overload]
+
+    async def bind(self, token: str, call_sid: str) -> None:
+        await self._run("bind", self.redis.set(self.call_prefix + call_sid, token,
+                                               ex=CALL_NOTE_TTL_S))
+
+    async def unbind(self, token: str, call_sid: str) -> None:
+        await self._run("unbind", self._unbind(keys=[self.call_prefix + call_sid], args=[token]))
+
+    async def free_call(self, call_sid: str) -> bool:
+        freed = await self._run("free_call", self._free_call(
+            keys=[self.key, self.call_prefix + call_sid]))
+        return bool(freed)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -253,6 +311,7 @@ class Admission:
         self._demand: deque[tuple[float, float, int]] = deque(maxlen=window + 1)
         self._loop_demand = loop_demand or loop_thread_demand_s
         self._leases: dict[str, Lease] = {}
+        self._calls: dict[str, str] = {}  # lease token → the call SID its stream started
         self._prefix = worker_prefix(os.getpid())
         self._tasks: list[asyncio.Task[None]] = []
         self._store_down_until = 0.0
@@ -366,13 +425,45 @@ class Admission:
         """Give a line back (the call ended). Never raises: the lease expires anyway."""
         if self._leases.pop(lease.token, None) is None:
             return
+        call_sid = self._calls.pop(lease.token, None)
         if not self._leases:
             self._idle.set()
         if self.shared and not self._store_down():
             try:
                 await self.store.release(lease.token)
+                if call_sid is not None:
+                    await self.store.unbind(lease.token, call_sid)
             except LeaseStoreUnavailable as exc:
                 self._mark_store_down(exc)
+
+    async def bind(self, lease: Lease, call_sid: str) -> None:
+        """The stream holding `lease` started, for call `call_sid`: note it, so that if the
+        stream drops with its server (a machine gone, its leases left to expire), the
+        `/twilio/stream-ended` that connects the call again can give the line back first
+        (`free_call`). Never raises: without the note the lease only expires later."""
+        if lease.token not in self._leases:
+            return
+        self._calls[lease.token] = call_sid
+        if lease.shared and not self._store_down():
+            try:
+                await self.store.bind(lease.token, call_sid)
+            except LeaseStoreUnavailable as exc:
+                self._mark_store_down(exc)
+
+    async def free_call(self, call_sid: str) -> bool:
+        """Give back the line of a call whose stream dropped, whichever server held it: the
+        stream that connects it again must not be refused by its own stale lease when every
+        line is taken. True if there was one. Never raises."""
+        if not self.shared or self._store_down():
+            return False
+        try:
+            freed = await self.store.free_call(call_sid)
+        except LeaseStoreUnavailable as exc:
+            self._mark_store_down(exc)
+            return False
+        if freed:
+            log.info("gave back the line of a dropped stream call_sid=%s", call_sid)
+        return freed
 
     async def _acquire(self, token: str) -> Lease | None:
         if self.shared and not self._store_down():

@@ -9,8 +9,10 @@ import logging
 
 from starlette.websockets import WebSocket
 
-from telephony.stream import ConversationFactory, TwilioStream
-from voicebot.admission import admit_media_stream, release_media_stream
+from pipeline.conversation import CallInfo, Conversation
+from telephony.playout import TwilioPlayout
+from telephony.stream import ConversationFactory, EndStream, TwilioStream
+from voicebot.admission import Admission, Lease, admit_media_stream, release_media_stream
 from voicebot.limits import stream_limits
 from voicebot.services import Services
 
@@ -32,16 +34,36 @@ async def serve_media_stream(
     if not admitted:
         return
     assert services is not None
+    make = factory or services.new_conversation
+    if lease is not None:
+        make = _binding(websocket, lease, make)
     try:
-        await _serve_media_stream(websocket, services, factory, default_direction)
+        await _serve_media_stream(websocket, services, make, default_direction)
     finally:
         await release_media_stream(websocket, lease)
+
+
+def _binding(websocket: WebSocket, lease: Lease, make: ConversationFactory
+             ) -> ConversationFactory:
+    """`make`, then the lease noted as the call's (`Admission.bind`) once `start` has named
+    it: if this stream drops with its server, `/twilio/stream-ended` gives the line back
+    before connecting the call again."""
+    admission: Admission | None = getattr(websocket.app.state, "admission", None)
+
+    async def make_and_bind(info: CallInfo, playout: TwilioPlayout, end: EndStream
+                            ) -> Conversation:
+        conversation = await make(info, playout, end)
+        if admission is not None:
+            await admission.bind(lease, info.call_sid)
+        return conversation
+
+    return make_and_bind
 
 
 async def _serve_media_stream(
     websocket: WebSocket,
     services: Services,
-    factory: ConversationFactory | None,
+    factory: ConversationFactory,
     default_direction: str,
 ) -> None:
     settings = services.settings
@@ -50,7 +72,7 @@ async def _serve_media_stream(
     try:
         stream = TwilioStream(
             websocket,
-            factory or services.new_conversation,
+            factory,
             lead_ms=settings.playout_lead_ms,
             chunk_ms=settings.playout_chunk_ms,
             max_message_bytes=settings.max_message_bytes,

@@ -95,6 +95,8 @@ async def stream_ended(request: Request) -> Response:
         log.warning("stream-ended: cannot read the call call_sid=%s: %s", call_sid, exc)
         return _twiml(hangup_twiml())
     if stream is not None and stream.started:
+        if is_drop(stream.end_reason):
+            await _free_line(request, call_sid)
         return _twiml(_after_a_stream(request, call_sid, stream))
     log.warning("stream never started (refused): busy message call_sid=%s", call_sid)
     hook: RefusalHook | None = getattr(state, "on_stream_refused", None)
@@ -104,6 +106,16 @@ async def stream_ended(request: Request) -> Response:
             await result
     message = getattr(getattr(state, "settings", None), "busy_message", None)
     return _twiml(busy_twiml(message) if message else hangup_twiml())
+
+
+async def _free_line(request: Request, call_sid: str) -> None:
+    """The dropped stream is over, whether or not the call is connected again: its line goes
+    back now (`Admission.free_call`), not when its lease expires. This matters when its
+    server died with the machine (no supervisor left to free its leases) and every line is
+    taken: the call's own stale lease would refuse the stream that resumes it."""
+    admission = getattr(request.app.state, "admission", None)
+    if admission is not None:
+        await admission.free_call(call_sid)
 
 
 def _resumes(request: Request) -> int | None:

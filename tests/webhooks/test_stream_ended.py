@@ -161,3 +161,28 @@ def test_bad_requests_are_refused() -> None:
     assert client.post("/twilio/stream-ended", data={"CallSid": "CA1"}).status_code == 400
     assert client.post("/twilio/stream-ended",
                        content=b"CallSid=" + b"a" * 20000).status_code == 413
+
+
+class _Admission:
+    def __init__(self) -> None:
+        self.freed: list[str] = []
+
+    async def free_call(self, call_sid: str) -> bool:
+        self.freed.append(call_sid)
+        return True
+
+
+@pytest.mark.parametrize(("end_reason", "resumes", "freed"), [
+    (None, "", True), ("disconnect", "", True), ("error", "?resumes=2", True),  # hangs up
+    ("stop", "", False), ("bot_hangup", "", False), ("max_duration", "", False),
+])
+def test_a_dropped_streams_line_is_given_back(end_reason: str | None, resumes: str,
+                                              freed: bool) -> None:
+    """A drop frees the call's line by its CallSid (its server may be gone with its leases),
+    whether the call is connected again or, after the last attempt, hung up; any other end
+    was released by the server that ended it."""
+    client, _ = _client(_Calls(True, end_reason))
+    admission = _Admission()
+    client.app.state.admission = admission  # type: ignore[attr-defined]
+    _ended(client, resumes)
+    assert admission.freed == ([CALL_SID] if freed else [])
