@@ -82,10 +82,12 @@ async def test_server_that_never_answers_times_out_and_is_hung_up_on(
 
 
 async def test_stall_between_tokens_raises(fake_openai: FakeOpenAi) -> None:
-    fake_openai.script(Rule(reply="One two three", token_delay_s=2))
+    # The deadline leaves the first token a whole second (0.3 s was missed once on a loaded
+    # CI machine: "no reply within 0.3 s"); the stall after it is far longer.
+    fake_openai.script(Rule(reply="One two three", token_delay_s=5))
     got: list[str] = []
     with pytest.raises(EngineError, match="more text"):
-        async for delta in llm_for(fake_openai, llm_timeout_s=0.3).stream(MESSAGES):
+        async for delta in llm_for(fake_openai, llm_timeout_s=1.0).stream(MESSAGES):
             got.append(delta)
     assert got == ["One"]
 
@@ -93,9 +95,9 @@ async def test_stall_between_tokens_raises(fake_openai: FakeOpenAi) -> None:
 async def test_slow_consumer_does_not_count_against_the_deadline(fake_openai: FakeOpenAi) -> None:
     fake_openai.script(Rule(reply="One two three"))
     deltas = []
-    async for delta in llm_for(fake_openai, llm_timeout_s=0.2).stream(MESSAGES):
+    async for delta in llm_for(fake_openai, llm_timeout_s=0.5).stream(MESSAGES):
         deltas.append(delta)
-        await asyncio.sleep(0.3)  # e.g. waiting for TTS; must not trip the LLM deadline
+        await asyncio.sleep(0.7)  # e.g. waiting for TTS; must not trip the LLM deadline
     assert "".join(deltas) == "One two three"
 
 
