@@ -101,7 +101,6 @@ class LocalLeases:
 
     def __init__(self) -> None:
         self.tokens: set[str] = set()
-        self.calls: dict[str, str] = {}  # call SID → its lease's token
 
     async def acquire(self, token: str, limit: int, ttl_s: float) -> bool:
         if len(self.tokens) >= limit:
@@ -118,23 +117,20 @@ class LocalLeases:
     async def count(self) -> int:
         return len(self.tokens)
 
+    # Handing a call's line over between servers needs a shared store: `Admission` asks for
+    # these only when its store is shared, and in one process a dropped stream's own
+    # handler gives its lease back when it ends.
     async def bind(self, token: str, call_sid: str) -> None:
-        self.calls[call_sid] = token
+        return None
 
     async def unbind(self, token: str, call_sid: str) -> None:
-        if self.calls.get(call_sid) == token:
-            del self.calls[call_sid]
+        return None
 
     async def free_call(self, call_sid: str) -> bool:
-        token = self.calls.pop(call_sid, None)
-        if token is None or token not in self.tokens:
-            return False
-        self.tokens.discard(token)
-        return True
+        return False
 
     async def aclose(self) -> None:
         self.tokens.clear()
-        self.calls.clear()
 
 
 # Redis server time in ms (TIME: seconds, microseconds), so machines' clocks never matter.

@@ -95,9 +95,7 @@ async def stream_ended(request: Request) -> Response:
         log.warning("stream-ended: cannot read the call call_sid=%s: %s", call_sid, exc)
         return _twiml(hangup_twiml())
     if stream is not None and stream.started:
-        if is_drop(stream.end_reason):
-            await _free_line(request, call_sid)
-        return _twiml(_after_a_stream(request, call_sid, stream))
+        return _twiml(await _after_a_stream(request, call_sid, stream))
     log.warning("stream never started (refused): busy message call_sid=%s", call_sid)
     hook: RefusalHook | None = getattr(state, "on_stream_refused", None)
     if hook is not None:
@@ -124,11 +122,12 @@ def _resumes(request: Request) -> int | None:
     return resume_count(request.query_params.get("resumes", "0"))
 
 
-def _after_a_stream(request: Request, call_sid: str, stream: StreamEnd) -> str:
+async def _after_a_stream(request: Request, call_sid: str, stream: StreamEnd) -> str:
     """TwiML for a call whose stream ran: connect it again if it dropped, else hang up."""
     if not is_drop(stream.end_reason):
         log.info("stream ended (%s), hanging up call_sid=%s", stream.end_reason, call_sid)
         return hangup_twiml()
+    await _free_line(request, call_sid)
     settings = getattr(request.app.state, "settings", None)
     allowed = int(getattr(settings, "stream_resumes", 0) or 0)
     resumes = _resumes(request)
