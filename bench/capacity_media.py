@@ -30,11 +30,18 @@ With `--shed-loop-busy SHARE` the workers shed new calls as `SHED_LOOP_BUSY` mak
 default here, so that a step measures what the server carries): refused calls count against
 the step (`connected` < N), and CPU per call-second is over the calls taken. `--ramp-per-s`
 sets how fast calls connect before the window (100 a second by default).
+
+Before each run, the machine's speed of the moment is taken with `bench/frame_path.py --calls
+200 --repeats 1` (about 8 s; `--no-reference` skips it): the in-process media path's µs per
+frame, reported as `reference_us_per_frame` ("ref µs"). Virtual machines here have differed
+by a third in speed, and one machine has drifted by a tenth within a session; the reference
+says which runs can be compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -323,7 +330,29 @@ COLUMNS = [("calls", "N", 5), ("connected", "took", 5), ("cpu_ms_per_call_s", "c
            ("dropped", "drop", 5), ("late", "late", 5), ("underruns", "gaps", 5),
            ("ramp_late_frames", "ramp late", 9),
            ("generator_send_lag_max_ms", "gen lag", 8), ("background_cpus", "bg cpu", 6),
-           ("ok", "ok", 4)]
+           ("reference_us_per_frame", "ref µs", 6), ("ok", "ok", 4)]
+
+
+def reference_us_per_frame() -> float | None:
+    """The machine's speed now: `bench/frame_path.py`'s µs per frame for 200 calls (one run,
+    in a process of its own, before the server starts); None if it could not run."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "frame_path.py"), "--calls",
+                           "200", "--repeats", "1"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    try:
+        return float(done.stdout.strip().splitlines()[-1].split()[2])
+    except (IndexError, ValueError):
+        print(f"reference run failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the architecture where there is none."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def print_row(row: dict) -> None:  # type: ignore[type-arg]
@@ -377,6 +406,9 @@ def main() -> None:
                         help="before a step, wait until other processes use fewer CPUs")
     parser.add_argument("--wait-quiet-s", type=float, default=120.0)
     parser.add_argument("--keep-going", action="store_true", help="run every step")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="do not take the machine's speed (bench/frame_path.py) before "
+                             "each run")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per step; a step passes when all of them do")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" /
@@ -394,7 +426,9 @@ def main() -> None:
     for n in args.steps:
         runs = []
         for _ in range(args.repeat):
+            reference = None if args.no_reference else reference_us_per_frame()
             row = run_step(n, args)
+            row["reference_us_per_frame"] = reference
             runs.append(row)
             print_row(row)
             for name, share in (row.get("perf_cpu_by_object_pct") or {}).items():
@@ -413,7 +447,7 @@ def main() -> None:
     print(f"\nlargest N with no dropped, late or gapped frames"
           f"{' in every run' if args.repeat > 1 else ''}: {best}")
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
+              "cpu_model": cpu_model(), "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
               "vad": args.vad, "workers": args.workers, "store_calls": not args.no_db,
               "generator": args.generator, "window_s": args.duration, "settle_s": args.settle_s,
               "late_ms": args.late_ms,

@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.capacity_media import cpu_model  # noqa: E402
 from media.audiofile import read_wav  # noqa: E402
 from media.resample import resample  # noqa: E402
 from media.vad import CONTEXT, WINDOW, SileroSession  # noqa: E402
@@ -79,19 +80,9 @@ def main() -> None:
         results.append({"windows_per_run": size, "best_us_per_window": best,
                         "median_us_per_window": median, "runs": times})
     out = {"machine": platform.processor() or platform.machine(),
-           "cpu": _cpu_model(), "date": time.strftime("%Y-%m-%d"), "results": results}
+           "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d"), "results": results}
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ class Listener:
 
     def __init__(self, vad: Vad, config: EndpointConfig | None = None) -> None:
         self._vad = vad
+        self._quiet_run = getattr(vad, "quiet_run", None)  # optional (`Vad`)
         self.config = config or EndpointConfig()
         self._resampler: HalfbandUpsampler | StreamResampler = (
             HalfbandUpsampler() if self.config.resampler == "halfband"
@@ -193,6 +194,14 @@ class Listener:
             # windows after it are scored again from there, as one by one would have.
             windows = audio[: count * WINDOW].reshape(count, WINDOW)
             done = 0
+            if (not self._in_speech and self._quiet_run is not None and self.config.threshold > 0
+                    and self._quiet_run(windows)):
+                # Every window gated (a quiet line): each would be scored 0 and go to the
+                # pre-roll, and none could start speech (`_window`), so they go there at once.
+                self.last_probability = 0.0
+                keep = windows[-self._preroll.maxlen:].copy()  # type: ignore[misc]
+                self._preroll.extend(keep)
+                done = count
             while done < count:
                 probs = self._vad.score_run(windows[done:])
                 for prob in probs:

@@ -89,3 +89,30 @@ def test_a_run_of_windows_scores_exactly_as_one_run_per_window(session: SileroSe
     assert single == expected
     assert got == expected
     assert sum(p > 0.5 for p in got) >= 15 and got[20] == 0.0
+
+
+def test_a_quiet_block_is_taken_in_one_pass_as_score_run_takes_it(session: SileroSession,
+                                                                  fixtures_dir) -> None:
+    """`quiet_run` on windows all below the gate leaves the stream where `score_run` leaves
+    it (the next words score bit for bit the same); with one window above the gate, or one
+    within a thousandth of the gate's power, it refuses and changes nothing."""
+    words = np.stack(_windows(str(fixtures_dir / "one_two_three.wav")))
+    rng = np.random.default_rng(5)
+    hiss = (rng.standard_normal((4, WINDOW)) * 10 ** (-62 / 20)).astype(np.float32)
+    for quiet in (hiss, hiss[:1]):
+        one_pass, by_window = SileroVad(session), SileroVad(session)
+        one_pass.score_run(words[:6])
+        by_window.score_run(words[:6])
+        assert one_pass.quiet_run(quiet)
+        assert by_window.score_run(quiet) == [0.0] * len(quiet)
+        assert one_pass.score_run(words[6:20]) == by_window.score_run(words[6:20])
+
+    vad = SileroVad(session)
+    vad.score_run(words[:6])
+    before = vad._input.copy(), vad._h.copy(), vad._c.copy()
+    at_the_gate = np.full(WINDOW, 10 ** (-50 / 20), dtype=np.float32)  # -50 dBFS: the gate
+    for block in (np.concatenate([hiss, words[10:11]]), np.stack([hiss[0], at_the_gate * 0.9999])):
+        assert not vad.quiet_run(block)
+        after = vad._input, vad._h, vad._c
+        assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert dbfs(at_the_gate * 0.9999) < -50.0  # gated by `score`, all the same

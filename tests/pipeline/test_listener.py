@@ -216,3 +216,33 @@ def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(session,
                                                             for frame in held]
     assert max(plain_runs) == 1 and max(held_runs) == 3
     assert sum(held_runs) == sum(plain_runs) and len(held_runs) < 0.75 * len(plain_runs)
+
+
+@pytest.mark.parametrize("frames", [1, 10])
+def test_quiet_blocks_in_one_pass_give_the_same_events(session, fixtures_dir, frames) -> None:
+    """On a quiet line (hiss under the gate between the words), blocks whose windows are all
+    gated go to the pre-roll at once (`quiet_run`): the events are those of scoring window by
+    window, each utterance's audio (its pre-roll included) sample for sample."""
+    pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(fixtures_dir / "one_two_three.wav", 8000)))
+    hiss = np.random.default_rng(11).normal(0, 32768 * 10 ** (-62 / 20), 8 * 2000)
+    line = np.concatenate([np.zeros(8 * 700), pcm, np.zeros(8 * 1300), pcm, np.zeros(8 * 1300)])
+    line = np.clip(line + np.resize(hiss, line.size), -32768, 32767).astype(np.int16)
+    quiet = SileroVad(session)
+    passes = []
+    original = quiet.quiet_run
+
+    def counting(windows: np.ndarray) -> bool:
+        taken = original(windows)
+        passes.append(taken)
+        return taken
+
+    quiet.quiet_run = counting  # type: ignore[method-assign]
+    fast = feed(Listener(quiet), line, frames)
+    plain = feed(Listener(OneByOne(SileroVad(session))), line, frames)  # type: ignore[arg-type]
+    assert sum(isinstance(e, SpeechEnded) for e in plain) >= 2
+    assert sum(passes) >= 10  # the quiet stretches did go through in one pass
+    assert [type(e) for e in fast] == [type(e) for e in plain]
+    for a, b in zip(fast, plain, strict=True):
+        for name in a.__slots__:
+            x, y = getattr(a, name), getattr(b, name)
+            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, name
