@@ -64,7 +64,10 @@ def below_gate(windows: np.ndarray, gate_dbfs: float) -> bool:
     """Whether every window (n × 512) is clearly below the gate: what `dbfs` says of each,
     for a whole block in one pass. A window within a thousandth of the gate's power counts as
     not below, so that the float sum here, in another order than `dbfs`'s, never decides
-    otherwise than `dbfs` would: such a block goes window by window instead."""
+    otherwise than `dbfs` would: such a block goes window by window instead. (A gate at
+    -120 dBFS or lower, where `dbfs` floors digital silence, is never clearly passed.)"""
+    if gate_dbfs <= -120.0:
+        return False
     powers = np.einsum("ij,ij->i", windows, windows)
     return float(powers.max()) < windows.shape[1] * 10.0 ** (gate_dbfs / 10.0) * 0.999
 

@@ -116,3 +116,6 @@ def test_a_quiet_block_is_taken_in_one_pass_as_score_run_takes_it(session: Siler
         after = vad._input, vad._h, vad._c
         assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     assert dbfs(at_the_gate * 0.9999) < -50.0  # gated by `score`, all the same
+    # A gate under `dbfs`'s floor for digital silence (-120) scores silence: no one pass.
+    floor = SileroVad(session, gate_dbfs=-130.0)
+    assert not floor.quiet_run(np.zeros((3, WINDOW), dtype=np.float32))
