@@ -41,7 +41,6 @@ says which runs can be compared.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -59,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.capacity_server import merge  # noqa: E402
 from bench.media_load import CALLER_WAV, script_payloads  # noqa: E402
+from bench.vad_model import cpu_model  # noqa: E402
 
 DEFAULT_STEPS = [10, 25, 50, 100, 200, 300, 500, 750, 1000]
 REPLY = "Sure, a table for two tonight. What time would you like?"
@@ -344,15 +344,6 @@ def reference_us_per_frame() -> float | None:
     except (IndexError, ValueError):
         print(f"reference run failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
         return None
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), or the architecture where there is none."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def print_row(row: dict) -> None:  # type: ignore[type-arg]

@@ -25,7 +25,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.capacity_media import cpu_model  # noqa: E402
 from media.audiofile import read_wav  # noqa: E402
 from media.resample import resample  # noqa: E402
 from media.vad import CONTEXT, WINDOW, SileroSession  # noqa: E402
@@ -83,6 +82,17 @@ def main() -> None:
            "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d"), "results": results}
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the architecture where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 if __name__ == "__main__":
