@@ -34,7 +34,7 @@ sets how fast calls connect before the window (100 a second by default).
 Before each run, the machine's speed of the moment is taken with `bench/frame_path.py --calls
 200 --repeats 1` (about 8 s; `--no-reference` skips it): the in-process media path's µs per
 frame, reported as `reference_us_per_frame` ("ref µs"). Virtual machines here have differed
-by a third in speed, and one machine has drifted by a tenth within a session; the reference
+by a third in speed, and one machine has drifted by as much between two runs; the reference
 says which runs can be compared.
 """
 
