@@ -15,7 +15,14 @@ frame; the turn-taking actions it returns are not carried out, so no reply is sp
     .venv/bin/python bench/frame_path.py --calls 200 --repeats 4 --defer both
 
 A step for A/B comparisons between commits, steadier than a whole server under load (run
-both sides alternately all the same: the machine's speed drifts).
+both sides alternately all the same: the machine's speed drifts). Steadier still, where the
+machine is noisy: instructions counted by valgrind, which do not drift. `--once N` builds N
+calls and runs their two cycles with nothing printed; the count for 1 call is the start-up's
+(and one call's), so (count(50) - count(1)) / (49 × 800) is the instructions per frame:
+
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg50 .venv/bin/python bench/frame_path.py --once 50
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg1 .venv/bin/python bench/frame_path.py --once 1
+    callgrind_annotate /tmp/cg50 | grep "PROGRAM TOTALS"       # about 6 minutes each
 """
 
 from __future__ import annotations
@@ -105,9 +112,16 @@ def main() -> None:
                         help="frames waiting for the resampler's block (Conversation.hear): "
                              "as shipped, never (every frame heard one by one, bar the quiet "
                              "blocks), or both, alternated run by run in this process")
+    parser.add_argument("--once", type=int, metavar="N",
+                        help="N calls, their two cycles, no timing (for valgrind)")
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # the actions' coroutines, never awaited
     silero = SileroSession()
+    if args.once is not None:
+        calls = make_calls(args.once, silero, args.resampler)
+        time_cycle(calls, second=False)
+        time_cycle(calls, second=True)
+        return
     shipped = Conversation._may_defer
     modes = ["on", "off"] if args.defer == "both" else [args.defer]
     print(f"{'calls':>6} {'defer':>6} {'µs per frame (best)':>20} {'runs':>24}")
