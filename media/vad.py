@@ -233,10 +233,12 @@ class SileroVad:
         return probs
 
     def quiet_run(self, windows: np.ndarray) -> bool:
-        """If every window (n × 512) is below the gate, take them all as `score_run` would
-        (each scored 0 without the model: the state back to silence, the context kept
-        current) and return True; otherwise change nothing and return False. A quiet line's
-        block of frames is a few windows that are all gated: this is them in one pass."""
+        """If the block (n × 512) is clearly below the gate (`below_gate`: then every
+        window is), take its windows as `score_run` would (each scored 0 without the model:
+        the state back to silence, the context kept current) and return True; otherwise
+        change nothing and return False, and the windows go through `score_run`. A quiet
+        line's block of frames is a few windows that are all gated: this is them in one
+        pass."""
         if not below_gate(windows, self._gate_dbfs):
             return False
         if len(windows) > 1:
@@ -296,5 +298,6 @@ class EnergyVad:
         return [self.score(window) for window in windows]
 
     def quiet_run(self, windows: np.ndarray) -> bool:
-        """As `SileroVad.quiet_run`: True (and every window scored 0) if all are gated."""
+        """As `SileroVad.quiet_run`: True (and every window scored 0) if the block is clearly
+        below the gate (`below_gate`)."""
         return below_gate(windows, self._gate_dbfs)

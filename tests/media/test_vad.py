@@ -94,8 +94,9 @@ def test_a_run_of_windows_scores_exactly_as_one_run_per_window(session: SileroSe
 def test_a_quiet_block_is_taken_in_one_pass_as_score_run_takes_it(session: SileroSession,
                                                                   fixtures_dir) -> None:
     """`quiet_run` on windows all below the gate leaves the stream where `score_run` leaves
-    it (the next words score bit for bit the same); with one window above the gate, or one
-    within a thousandth of the gate's power, it refuses and changes nothing."""
+    it (the next words score bit for bit the same); with one window above the gate, or a
+    block within a thousandth of the gate's power (a lone window `dbfs` does gate), it
+    refuses and changes nothing."""
     words = np.stack(_windows(str(fixtures_dir / "one_two_three.wav")))
     rng = np.random.default_rng(5)
     hiss = (rng.standard_normal((4, WINDOW)) * 10 ** (-62 / 20)).astype(np.float32)
@@ -111,7 +112,8 @@ def test_a_quiet_block_is_taken_in_one_pass_as_score_run_takes_it(session: Siler
     vad.score_run(words[:6])
     before = vad._input.copy(), vad._h.copy(), vad._c.copy()
     at_the_gate = np.full(WINDOW, 10 ** (-50 / 20), dtype=np.float32)  # -50 dBFS: the gate
-    for block in (np.concatenate([hiss, words[10:11]]), np.stack([hiss[0], at_the_gate * 0.9999])):
+    for block in (np.concatenate([hiss, words[10:11]]), np.stack([hiss[0], at_the_gate * 0.9999]),
+                  at_the_gate[None] * 0.9999):
         assert not vad.quiet_run(block)
         after = vad._input, vad._h, vad._c
         assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
