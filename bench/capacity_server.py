@@ -39,7 +39,6 @@ from pipeline.conversation import Engines
 from pipeline.engines import ChatMessage
 from pipeline.factory import build_vad_factory
 from pipeline.tts_piper import ToneTts
-from telephony.messages import Media
 from telephony.stream import TwilioStream
 from voicebot.admission import thread_schedstat_s
 from voicebot.app import create_app
@@ -242,14 +241,12 @@ class InstrumentedStream(TwilioStream):
 
     _base: float | None = None
 
-    def _dispatch(self, event: object) -> Any:
-        if type(event) is not Media:
-            return super()._dispatch(event)  # type: ignore[arg-type]
+    def _on_media(self, payload: bytes, timestamp_ms: int) -> Any:
         start = time.perf_counter()
-        pending = super()._dispatch(event)  # type: ignore[arg-type]
+        pending = super()._on_media(payload, timestamp_ms)
         now = time.monotonic()
         # When the frame was due by its own clock: this call's best offset plus its timestamp.
-        offset = now - event.timestamp_ms / 1000  # type: ignore[attr-defined]
+        offset = now - timestamp_ms / 1000
         if self._base is None or offset < self._base:
             self._base = offset
         STATS.observe(offset - self._base, time.perf_counter() - start)

@@ -79,7 +79,7 @@ def make_calls(calls: int, silero: SileroSession,
     for call in range(calls):
         stream = TwilioStream(object(), None)  # type: ignore[arg-type]
         stream.state = StreamState.STARTED
-        stream.stream_sid = f"MZ{call:032d}"
+        stream.stream_sid = stream._media_sid = f"MZ{call:032d}"
         sink = _Sink()
         stream.conversation = Conversation(CallInfo(f"CA{call:032d}", stream.stream_sid),
                                            engines, sink, EventBus(),  # type: ignore[arg-type]

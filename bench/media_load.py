@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from telephony.messages import inbound_media_text  # noqa: E402
+
 FRAME_S = 0.020
 PHASES = 5
 MASK = b"\x00\x00\x00\x00"
@@ -66,9 +68,7 @@ def script_payloads(wav: Path, speech_every_s: float,
 
 def media_text(stream_sid: str, k: int, payload: str) -> str:
     """The k-th (from 0) `media` message of a stream, laid out as Twilio sends it."""
-    return (f'{{"event":"media","sequenceNumber":"{k + 2}","media":{{"track":"inbound",'
-            f'"chunk":"{k + 1}","timestamp":"{k * 20}","payload":"{payload}"}},'
-            f'"streamSid":"{stream_sid}"}}')
+    return inbound_media_text(stream_sid, k + 2, k + 1, k * 20, payload)
 
 
 def ws_frame(text: str, opcode: int = 0x1) -> bytes:

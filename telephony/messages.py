@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -248,9 +249,27 @@ def _fast_payload(encoded: str) -> bytes | None:
 # (whole base64 quartets), in a fifth of the time; None for anything else, which goes on
 # below. Without a compiler the extension is not built and the expressions read everything.
 try:
+    from telephony._fastmedia import inbound_media as _inbound_media
     from telephony._fastmedia import media_fields as _media_fields
 except ImportError:  # pragma: no cover - depends on the install
-    _media_fields = None
+    _inbound_media = _media_fields = None
+
+# The longest payload a media message may carry, in base64 characters (`inbound_media`).
+MAX_PAYLOAD_B64 = _MAX_PAYLOAD_B64
+
+
+def _no_inbound_media(text: str, stream_sid: str, max_payload_b64: int) -> None:
+    return None
+
+
+# inbound_media(text, stream_sid, MAX_PAYLOAD_B64) -> (payload, timestamp in ms) when `text`
+# is a frame of the caller's audio on this stream in Twilio's compact layout: what
+# `parse_message` makes a `Media` of with this `stream_sid`, an inbound track ("inbound" or
+# "inbound_track") and a payload that is not empty, read in C without building the message.
+# None for anything else (any other message, layout, stream or track; and always without the
+# C extension): `parse_message` reads those. The stream's hot path (`TwilioStream._take`).
+inbound_media: Callable[[str, str, int], tuple[bytes, int] | None] = (
+    _inbound_media or _no_inbound_media)
 
 # A `media` message laid out as Twilio sends it (its keys in this order; JSON whitespace
 # allowed between tokens), read with one regular expression instead of the JSON parser and
@@ -338,6 +357,16 @@ def parse_message(text: str | bytes) -> InboundMessage:
 # Outbound messages. Twilio plays `media` payloads in order, with no file headers
 # ("audio/x-mulaw", 8000 Hz); a `mark` is echoed back once the audio before it has played;
 # `clear` empties Twilio's buffer (pending marks are then echoed at once).
+
+
+def inbound_media_text(stream_sid: str, sequence: int, chunk: int, timestamp_ms: int,
+                       payload_b64: str, track: str = "inbound") -> str:
+    """A `media` message of the caller's audio exactly as Twilio sends it: its keys in this
+    order, no whitespace (for the simulator and the load generators; `inbound_media` reads
+    it)."""
+    return (f'{{"event":"media","sequenceNumber":"{sequence}","media":{{"track":"{track}",'
+            f'"chunk":"{chunk}","timestamp":"{timestamp_ms}","payload":"{payload_b64}"}},'
+            f'"streamSid":"{stream_sid}"}}')
 
 
 def media_message(stream_sid: str, ulaw: bytes) -> str:

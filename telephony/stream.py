@@ -41,6 +41,7 @@ from pipeline.events import PipelineEvent
 from pipeline.speech import PeerGone
 from telephony.direct import DIRECT_TEXT, DirectText
 from telephony.messages import (
+    MAX_PAYLOAD_B64,
     Connected,
     Dtmf,
     InboundMessage,
@@ -49,6 +50,7 @@ from telephony.messages import (
     ProtocolError,
     Start,
     Stop,
+    inbound_media,
     parse_message,
 )
 from telephony.playout import TwilioPlayout
@@ -183,6 +185,9 @@ class TwilioStream:
         self._wake: asyncio.Future[None] | None = None
         self._direct_error: Exception | None = None
         self._broken = False
+        # The stream's SID while its media frames may take the hot path in `_take` (started,
+        # with a conversation, not stopped); None otherwise.
+        self._media_sid: str | None = None
 
     def _transition(self, event: str, to: StreamState | None = None) -> None:
         if event not in _ALLOWED[self.state]:
@@ -368,6 +373,13 @@ class TwilioStream:
         if len(text) > self._max_message_bytes:
             self._bad(f"message of {len(text)} bytes exceeds {self._max_message_bytes}")
             return None
+        sid = self._media_sid
+        if sid is not None:
+            # A frame of the caller's audio, as Twilio sends it: read in C without building
+            # the message, and handled as `_dispatch` would (the same checks passed).
+            media = inbound_media(text, sid, MAX_PAYLOAD_B64)
+            if media is not None:
+                return self._on_media(media[0], media[1])
         try:
             return self._dispatch(parse_message(text))
         except (ProtocolError, IllegalTransition) as exc:
@@ -394,16 +406,7 @@ class TwilioStream:
             self._check_stream(event.stream_sid)
             if event.track not in ("inbound", "inbound_track") or not event.payload:
                 return None
-            self.stats.frames += 1
-            conversation = self.conversation
-            assert conversation is not None
-            actions = conversation.hear(event.payload)
-            if self.on_frame_lag is not None and self.stats.frames % LAG_SAMPLE_EVERY == 0:
-                offset = time.monotonic() - event.timestamp_ms / 1000
-                if self._lag_base is None or offset < self._lag_base:
-                    self._lag_base = offset
-                self.on_frame_lag(offset - self._lag_base)
-            return conversation.act(actions) if actions else None
+            return self._on_media(event.payload, event.timestamp_ms)
         if isinstance(event, Mark):
             self._transition("mark")
             self._check_stream(event.stream_sid)
@@ -423,11 +426,25 @@ class TwilioStream:
             self._transition("stop")
             self._check_stream(event.stream_sid)
             self.state = StreamState.STOPPED
+            self._media_sid = None
             self.end_reason = "stop"
             self._wake_run()
         elif isinstance(event, Connected):
             self._transition("connected", StreamState.CONNECTED)
         return None
+
+    def _on_media(self, payload: bytes, timestamp_ms: int) -> Pending | None:
+        """A frame of the caller's audio on this stream (checked): to the conversation."""
+        self.stats.frames += 1
+        conversation = self.conversation
+        assert conversation is not None
+        actions = conversation.hear(payload)
+        if self.on_frame_lag is not None and self.stats.frames % LAG_SAMPLE_EVERY == 0:
+            offset = time.monotonic() - timestamp_ms / 1000
+            if self._lag_base is None or offset < self._lag_base:
+                self._lag_base = offset
+            self.on_frame_lag(offset - self._lag_base)
+        return conversation.act(actions) if actions else None
 
     def _check_stream(self, stream_sid: str) -> None:
         if stream_sid != self.stream_sid:
@@ -455,6 +472,8 @@ class TwilioStream:
         )
         self.conversation = await self._make_conversation(info, self.playout, self._end_async)
         await self.conversation.begin()
+        if self.state is StreamState.STARTED:
+            self._media_sid = start.stream_sid
         log.info("call started call_sid=%s stream_sid=%s direction=%s in %.1f ms",
                  info.call_sid, info.stream_sid, info.direction,
                  (time.monotonic() - started) * 1000)
@@ -488,6 +507,7 @@ class TwilioStream:
 
     async def _finish(self) -> None:
         self.state = StreamState.STOPPED
+        self._media_sid = None
         if self.conversation is not None:
             await self.conversation.close(self.end_reason)
         if self._playout_task is not None:

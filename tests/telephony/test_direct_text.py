@@ -8,6 +8,7 @@ the server's."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,10 +18,12 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
+import telephony.stream as stream_module
 from pipeline.call_setup import CallInfo
 from telephony.direct import DIRECT_TEXT
+from telephony.messages import inbound_media_text
 from telephony.stream import BACKLOG_PAUSE, TwilioStream
-from tests.telephony.fuzzkit import valid
+from tests.telephony.fuzzkit import OTHER_STREAM_SID, STREAM_SID, valid
 from voicebot.local_server import running_server
 
 # -- the protocol, over a real server (`running_server` uses it) ------------------------
@@ -405,3 +408,54 @@ async def test_sends_go_direct_while_the_transport_has_room_and_through_asgi_whe
     assert socket.sent == ["two", "six", "seven"]
     socket.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
     await asyncio.wait_for(run, 5)
+
+
+def _twilio_media(byte: int, sid: str = STREAM_SID, track: str = "inbound",
+                  size: int = 160) -> str:
+    payload = base64.b64encode(bytes([byte]) * size).decode()
+    return inbound_media_text(sid, 3, 1, 20, payload, track)
+
+
+@pytest.mark.parametrize("hot_path", [True, False])
+async def test_twilios_media_frames_take_the_hot_path_with_the_same_outcome(
+        hot_path: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's audio as Twilio lays it out skips `parse_message` and `_dispatch`
+    (`inbound_media`): every other frame still goes the general way, and the stream hears,
+    ignores and counts exactly what it does without the hot path."""
+    taken = 0
+
+    def counting(text: str, sid: str, limit: int) -> tuple[bytes, int] | None:
+        nonlocal taken
+        media = real(text, sid, limit) if hot_path else None
+        taken += media is not None
+        return media
+
+    real = stream_module.inbound_media
+    monkeypatch.setattr(stream_module, "inbound_media", counting)
+    conversation = _FakeConversation()
+    stream, direct, _, run = await _started(conversation)
+    direct.send(_twilio_media(0xFF))  # before `start`: illegal, however it is laid out
+    direct.send(valid("start"))
+    await asyncio.sleep(0.1)
+    frames = [
+        _twilio_media(0xFF),
+        _twilio_media(_FakeConversation.ACT),  # leaves async work: the next ones wait
+        _twilio_media(0x10),
+        _twilio_media(0xFF, sid=OTHER_STREAM_SID),  # another stream's: a bad message
+        _twilio_media(0xFF, track="outbound"),  # not the caller's audio: ignored
+        _twilio_media(0xFF, size=0),  # nothing to hear: ignored
+        _twilio_media(0xFF, track="inbound_track"),
+        _twilio_media(0xFF).replace(",", ", "),  # another layout: parsed, heard
+        _media(0x20),  # json.dumps' layout
+        _twilio_media(0xFF, size=7),  # an odd size: heard as it is
+    ]
+    for text in frames:
+        direct.send(text)
+    await asyncio.sleep(0.1)
+    direct.send(valid("stop"))
+    assert await asyncio.wait_for(run, 5) == "stop"
+    assert direct.handler is None
+    assert conversation.heard == list(range(7))
+    assert conversation.acted == [1]
+    assert (stream.stats.frames, stream.stats.bad_messages) == (7, 2)
+    assert taken == (5 if hot_path else 0)

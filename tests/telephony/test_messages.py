@@ -252,3 +252,66 @@ def test_the_compiled_reader_leaves_the_rest_to_the_expressions(text: str) -> No
     assert telephony_messages._media_fields(text, telephony_messages._MAX_PAYLOAD_B64) is None
     fast, general = _both_ways(text)
     assert fast == general
+
+
+# -- the hot path for the caller's audio (`inbound_media`) ------------------------------------
+
+
+def _twilio(**fields: str) -> str:
+    values = {"sequenceNumber": "5", "track": "inbound", "chunk": "4", "timestamp": "80",
+              "payload": PAYLOAD, "streamSid": SID, **fields}
+    return telephony_messages.inbound_media_text(
+        values["streamSid"], values["sequenceNumber"], values["chunk"],  # type: ignore[arg-type]
+        values["timestamp"], values["payload"], values["track"])  # type: ignore[arg-type]
+
+
+def _inbound(text: str, sid: str = SID) -> tuple[bytes, int] | None:
+    return telephony_messages.inbound_media(text, sid, telephony_messages.MAX_PAYLOAD_B64)
+
+
+def media_text_from(media: Media) -> str:
+    return telephony_messages.inbound_media_text(
+        media.stream_sid, media.sequence_number, media.chunk, media.timestamp_ms,
+        base64.b64encode(media.payload).decode(), media.track)
+
+
+def valid_json_media() -> str:
+    return json.dumps({"event": "media", "sequenceNumber": "3", "streamSid": SID, "media": {
+        "track": "inbound", "chunk": "1", "timestamp": "20", "payload": PAYLOAD}})
+
+
+def test_inbound_media_reads_twilios_message_as_parse_message_does() -> None:
+    text = _twilio()
+    media = parse_message(text)
+    assert isinstance(media, Media)
+    assert text == media_text_from(media)  # the layout Twilio sends, byte for byte
+    assert _inbound(text) == (media.payload, media.timestamp_ms) == (bytes(range(160)), 80)
+    assert _inbound(_twilio(track="inbound_track")) == (bytes(range(160)), 80)
+    assert _inbound(_twilio(payload="QQ==", timestamp="999999999999999")) == (
+        b"A", 999999999999999)
+
+
+@pytest.mark.parametrize(("text", "sid"), [
+    (_twilio(), "MZ" + "0" * 32),  # another stream's frame: `_check_stream` says so
+    (_twilio(), SID[:-1]),
+    (_twilio(), SID + "0"),
+    (_twilio(track="outbound"), SID),  # not the caller's audio: ignored
+    (_twilio(track="inbound_trackx"), SID),
+    (_twilio(track="Inbound"), SID),
+    (_twilio(payload=""), SID),  # nothing to hear: ignored
+    (_twilio(payload="AAA"), SID),  # not base64: `parse_message` says what is wrong
+    (_twilio(payload="AAAA="), SID),
+    (_twilio(chunk="1e3"), SID),
+    (_twilio().replace(",", ", "), SID),  # another layout: `parse_message` reads it
+    (_twilio()[:-1] + ',"extra":1}', SID),
+    (valid_json_media(), SID),
+])
+def test_inbound_media_leaves_every_other_message_to_parse_message(text: str, sid: str
+                                                                   ) -> None:
+    assert _inbound(text, sid) is None
+
+
+def test_inbound_media_is_compiled() -> None:
+    """Without the C extension `inbound_media` says None to everything (the stream then
+    parses every frame): the hot path is worth having built."""
+    assert telephony_messages._inbound_media is not None
