@@ -61,7 +61,7 @@ from pipeline.turn_timing import TurnTiming
 log = logging.getLogger(__name__)
 
 QUIET_RUN = 8  # quiet frames (160 ms) before holding: the resampler and VAD have caught up
-HOLD_FRAMES = 10  # quiet frames listened to as one block (200 ms), of FRAME_BYTES each
+HOLD_FRAMES = 25  # quiet frames listened to as one block (500 ms), of FRAME_BYTES each
 
 
 class Conversation(TurnActions, Speaking):

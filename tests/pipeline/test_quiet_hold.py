@@ -186,7 +186,10 @@ async def _listen_while_the_bot_talks(silero: SileroSession, defer: bool = True
     for _ in range(40):
         conversation.hear(ulaw_silence(20))
     # Holding, the first send comes in the middle of a block.
-    assert len(conversation._held) == (2 if conversation_module.QUIET_RUN == 8 else 0)
+    if conversation_module.QUIET_RUN == 8:
+        assert 0 < len(conversation._held) < conversation_module.HOLD_FRAMES
+    else:
+        assert conversation._held == []
     tone = (np.sin(np.arange(16000) * 0.3) * 8000).astype(np.int16)
     conversation._sink.play(SpokenSegment("Hello.", pcm16_to_ulaw(tone), turn=1))
     piece = conversation._sink._live[0]
