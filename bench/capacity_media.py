@@ -161,6 +161,7 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
            "BENCH_REPLY": REPLY, "BENCH_TRANSCRIPT": TRANSCRIPT,
            "BENCH_STALL_MS": str(args.stalls or 0),
            "BENCH_GC_THRESHOLD0": str(args.gc_threshold0 or ""),
+           "BENCH_GC_THRESHOLD2": str(args.gc_threshold2 or ""),
            "BENCH_SHED_LOOP_BUSY": str(args.shed_loop_busy or 0)}
     server = subprocess.Popen(server_cmd, cwd=build, env=env)
     try:
@@ -364,6 +365,10 @@ def main() -> None:
     parser.add_argument("--gc-threshold0", type=int, metavar="N",
                         help="the workers' young-generation GC threshold (Python's is 700): "
                              "to see what the collector's pauses cost")
+    parser.add_argument("--gc-threshold2", type=int, metavar="N",
+                        help="the cyclic collector's third threshold in the workers (young "
+                             "collections between full ones; 10 by default): how often a "
+                             "full collection may stop a worker's loop")
     parser.add_argument("--stalls", type=float, metavar="MS",
                         help="when a worker's event loop has not come round for MS ms, write "
                              "every thread's stack to build/stalls-N-<pid>.stalls.txt")

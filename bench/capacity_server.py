@@ -11,7 +11,8 @@ socket can be measured together: a worker resets its counters when `reset` chang
 `<pid>.json` twice a second, and `<pid>.final.json` when `end` changes (the end of the
 window). Configured by environment (the factory `app_from_env` runs in each worker):
 BENCH_DIR, BENCH_DATABASE_URL, BENCH_VAD (silero|energy), BENCH_LATE_MS, BENCH_RECORD (0: do
-not store calls), BENCH_REPLY, BENCH_TRANSCRIPT, BENCH_STALL_MS, BENCH_GC_THRESHOLD0.
+not store calls), BENCH_REPLY, BENCH_TRANSCRIPT, BENCH_STALL_MS, BENCH_GC_THRESHOLD0,
+BENCH_GC_THRESHOLD2.
 """
 
 from __future__ import annotations
@@ -234,6 +235,8 @@ STATS = BenchStats(float(os.environ.get("BENCH_LATE_MS", "60")))
 gc.callbacks.append(STATS.on_gc)
 if os.environ.get("BENCH_GC_THRESHOLD0"):  # capacity_media.py --gc-threshold0
     gc.set_threshold(int(os.environ["BENCH_GC_THRESHOLD0"]), *gc.get_threshold()[1:])
+if os.environ.get("BENCH_GC_THRESHOLD2"):  # capacity_media.py --gc-threshold2
+    gc.set_threshold(*gc.get_threshold()[:2], int(os.environ["BENCH_GC_THRESHOLD2"]))
 
 
 class InstrumentedStream(TwilioStream):
