@@ -310,9 +310,11 @@ def summarize(n: int, outputs: list[dict], window: dict, final: dict) -> dict:  
         "cpu_s_per_worker": window.get("cpu_s_per_worker"),
         "frames_per_worker": window.get("frames_per_worker"),  # ∝ calls per worker
         # Per worker: collections by generation ([count, longest ms]) in the window, and the
-        # objects the cyclic collector tracks at its end (per generation).
+        # objects the cyclic collector tracks at its end (per generation), with the most
+        # common types in the oldest (what a full collection walks).
         "gc_runs_per_worker": window.get("gc_runs_per_worker"),
         "gc_tracked_per_worker": window.get("gc_tracked_per_worker"),
+        "gc_old_types_per_worker": window.get("gc_old_types_per_worker"),
         # Seconds each worker's event-loop thread waited for a CPU while it had work (the
         # machine's other processes, the load generator included, had the cores).
         "runqueue_wait_s_per_worker": window.get("runqueue_wait_s_per_worker"),

@@ -18,6 +18,7 @@ BENCH_GC_THRESHOLD2.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import json
@@ -162,6 +163,8 @@ class BenchStats:
             "gc_runs": self.gc_runs,
             "runqueue_wait_s": _runqueue_wait_s() - self.wait0,
             "gc_tracked": [len(gc.get_objects(g)) for g in range(3)] if final else None,
+            # What the oldest generation holds (a full collection walks all of it).
+            "gc_old_types": _top_types(gc.get_objects(2), 15) if final else None,
         }
 
     def on_gc(self, phase: str, info: dict[str, int]) -> None:
@@ -174,6 +177,16 @@ class BenchStats:
         runs = self.gc_runs.setdefault(str(info["generation"]), [0, 0.0])
         runs[0] += 1
         runs[1] = max(runs[1], round(took * 1000, 1))
+
+
+def _top_types(objects: list[Any], count: int) -> dict[str, int]:
+    """The most common types among `objects`, by name, with how many of each (coroutines by
+    their function's name)."""
+    def name(o: Any) -> str:
+        kind = type(o).__name__
+        return f"{kind} {o.__qualname__}" if kind == "coroutine" else kind
+
+    return dict(collections.Counter(name(o) for o in objects).most_common(count))
 
 
 def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
@@ -228,6 +241,7 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
             [round(statistics.median(s["loop_busy"]), 3), round(max(s["loop_busy"]), 3)]
             if s.get("loop_busy") else None for s in snapshots],
         "gc_tracked_per_worker": [s.get("gc_tracked") for s in snapshots],
+        "gc_old_types_per_worker": [s.get("gc_old_types") for s in snapshots],
     }
 
 

@@ -134,8 +134,11 @@ async def test_a_call_goes_on_after_its_server_dies(
     said = [(u["role"], u["text"]) for u in stored["utterances"]]
     assert [role for role, _ in said] == ["bot", "caller", "bot", "bot", "caller", "bot"]
     assert said[2] == ("bot", REPLY) and said[5] == ("bot", REPLY)
-    # The resumed stream says the resume line, not the greeting, then the call goes on.
-    assert said[3] == ("bot", RESUME) and _words(said[4][1]) == _words(said[1][1])
+    # The resumed stream says the resume line, not the greeting, then the call goes on: the
+    # caller's words are heard again. (`in`, not `==`: on a loaded machine the turn may end
+    # later, on the silence bound, and Whisper has added a repeat of the words' start on the
+    # longer tail: "... tomorrow morning hi there what time do".)
+    assert said[3] == ("bot", RESUME) and _words(said[1][1]) in _words(said[4][1])
     turns = [u["turn"] for u in stored["utterances"] if u["role"] == "caller"]
     assert turns[1] > turns[0]  # numbered on from the first stream's turns
     assert stored["status"] == "completed" and stored["ended_at"] is not None
