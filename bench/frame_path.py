@@ -14,6 +14,12 @@ frame; the turn-taking actions it returns are not carried out, so no reply is sp
     .venv/bin/python bench/frame_path.py --calls 200 --repeats 5
     .venv/bin/python bench/frame_path.py --calls 200 --repeats 4 --defer both
 
+Where a frame's time goes: `--by-kind` times each frame of the second cycle on its own and
+sorts them by what the frame did (only held; released a block of held frames, so the
+listening path ran; heard on its own):
+
+    .venv/bin/python bench/frame_path.py --calls 200 --by-kind
+
 A step for A/B comparisons between commits, steadier than a whole server under load (run
 both sides alternately all the same: the machine's speed drifts). Steadier still, where the
 machine is noisy: instructions counted by valgrind, which do not drift. `--once N` builds N
@@ -102,6 +108,41 @@ def time_cycle(calls: list[tuple[TwilioStream, list[str]]], second: bool) -> flo
     return (time.process_time() - start) / (frames * len(calls)) * 1e6
 
 
+def by_kind(calls: list[tuple[TwilioStream, list[str]]]) -> dict[str, tuple[int, float]]:
+    """The second cycle, each frame timed on its own and sorted by what it did: `held` (the
+    conversation only held it: quiet, or waiting for the resampler's block), `release` (it
+    released held frames: the listening path ran on a block) or `direct` (heard on its own).
+    Kind → (frames, total µs). The clock around every frame adds a little to each."""
+    frames = len(calls[0][1]) // 2
+    clock = time.perf_counter
+    out: dict[str, list[float]] = {"held": [0, 0.0], "release": [0, 0.0], "direct": [0, 0.0]}
+    for index in range(frames, 2 * frames):
+        for stream, texts in calls:
+            held = stream.conversation._held  # type: ignore[union-attr]
+            before = len(held)
+            start = clock()
+            stream._take(texts[index])
+            took = clock() - start
+            kind = ("held" if len(held) > before
+                    else "release" if before and not held else "direct")
+            out[kind][0] += 1
+            out[kind][1] += took * 1e6
+    return {kind: (int(n), total) for kind, (n, total) in out.items()}
+
+
+def print_by_kind(n: int, silero: SileroSession, resampler: str) -> None:
+    calls = make_calls(n, silero, resampler)
+    time_cycle(calls, second=False)  # warms up
+    kinds = by_kind(calls)
+    frames = sum(count for count, _ in kinds.values())
+    total = sum(us for _, us in kinds.values())
+    print(f"{n} calls, {frames} frames, {total / frames:.2f} µs per frame on average")
+    print(f"{'kind':>8} {'share of frames':>16} {'µs each':>9} {'share of time':>14}")
+    for kind, (count, us) in kinds.items():
+        if count:
+            print(f"{kind:>8} {count / frames:>15.1%} {us / count:>9.2f} {us / total:>13.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 20, 200])
@@ -114,6 +155,9 @@ def main() -> None:
                              "blocks), or both, alternated run by run in this process")
     parser.add_argument("--once", type=int, metavar="N",
                         help="N calls, their two cycles, no timing (for valgrind)")
+    parser.add_argument("--by-kind", action="store_true",
+                        help="each frame timed on its own, by what it did (held, released a "
+                             "block, heard on its own): where a frame's time goes")
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # the actions' coroutines, never awaited
     silero = SileroSession()
@@ -121,6 +165,10 @@ def main() -> None:
         calls = make_calls(args.once, silero, args.resampler)
         time_cycle(calls, second=False)
         time_cycle(calls, second=True)
+        return
+    if args.by_kind:
+        for n in args.calls:
+            print_by_kind(n, silero, args.resampler)
         return
     shipped = Conversation._may_defer
     modes = ["on", "off"] if args.defer == "both" else [args.defer]
