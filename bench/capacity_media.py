@@ -309,6 +309,8 @@ def summarize(n: int, outputs: list[dict], window: dict, final: dict) -> dict:  
         "replies": total["replies"],
         "cpu_s_per_worker": window.get("cpu_s_per_worker"),
         "frames_per_worker": window.get("frames_per_worker"),  # ∝ calls per worker
+        # Of the window's frames, those the quiet hold kept in C (`TwilioStream`).
+        "held_frames": window.get("held_frames"),
         # Per worker: collections by generation ([count, longest ms]) in the window, and the
         # objects the cyclic collector tracks at its end (per generation), with the most
         # common types in the oldest (what a full collection walks).

@@ -102,6 +102,7 @@ class BenchStats:
         self.before_lag_max = self.lag_max
         self.hist = [0] * (MAX_MS * BUCKETS_PER_MS + 1)
         self.frames = 0
+        self.held = 0  # of them, frames the quiet hold kept (no Python ran for them)
         self.late = 0
         self.lag_max = 0.0
         self.work_s = 0.0
@@ -117,6 +118,14 @@ class BenchStats:
         self.cpu0 = usage.ru_utime + usage.ru_stime
         self.wait0 = _runqueue_wait_s()
         self.t0 = time.monotonic()
+
+    def add_work(self, work_s: float) -> None:
+        """Work that went with frames already observed (a quiet hold's block)."""
+        self.work_s += work_s
+        if work_s > self.work_max:
+            self.work_max = work_s
+        if work_s > 0.020:
+            self.slow += 1
 
     def observe(self, lag_s: float, work_s: float) -> None:
         ms = lag_s * 1000
@@ -144,6 +153,7 @@ class BenchStats:
             "pid": os.getpid(),
             "frames_total": self.frames_total,
             "frames": self.frames,
+            "held_frames": self.held,
             "window_s": time.monotonic() - self.t0,
             "cpu_s": usage.ru_utime + usage.ru_stime - self.cpu0,
             "hist": {} if light else {str(i): n for i, n in enumerate(self.hist) if n},
@@ -211,6 +221,7 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         "workers": len(snapshots),
         "frames_total": sum(s["frames_total"] for s in snapshots),
         "frames": frames,
+        "held_frames": sum(s.get("held_frames", 0) for s in snapshots),
         "window_s": round(max((s["window_s"] for s in snapshots), default=0.0), 2),
         "cpu_s": round(sum(s["cpu_s"] for s in snapshots), 3),
         "lag_p50_ms": lag_percentile(0.50),
@@ -268,6 +279,23 @@ class InstrumentedStream(TwilioStream):
             self._base = offset
         STATS.observe(offset - self._base, time.perf_counter() - start)
         return pending
+
+    def _flush_hold(self, hold: Any) -> Any:
+        # Frames the quiet hold kept (no Python ran for them): each one's lag from when the
+        # protocol read it, and the block's work on the last.
+        start = time.perf_counter()
+        pending = super()._flush_hold(hold)
+        STATS.add_work(time.perf_counter() - start)
+        return pending
+
+    def _count_held(self, stamps: list[int], arrivals: list[float]) -> None:
+        super()._count_held(stamps, arrivals)
+        STATS.held += len(stamps)
+        for stamp, arrival in zip(stamps, arrivals, strict=True):
+            offset = arrival - stamp / 1000
+            if self._base is None or offset < self._base:
+                self._base = offset
+            STATS.observe(offset - self._base, 0.0)
 
 
 def _read(path: Path) -> str:

@@ -39,11 +39,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import anyio  # noqa: E402
+from websockets.frames import apply_mask  # noqa: E402
 
 from bench.capacity_server import FixedStt, InstantLlm  # noqa: E402
 from bench.media_load import media_text, script_payloads  # noqa: E402
@@ -54,6 +56,7 @@ from pipeline.events import EventBus  # noqa: E402
 from pipeline.listener import EndpointConfig  # noqa: E402
 from pipeline.tts_piper import ToneTts  # noqa: E402
 from telephony.stream import StreamState, TwilioStream  # noqa: E402
+from voicebot.ws_protocol import DirectText, DirectTextProtocol  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "one_two_three.wav"
 CYCLE_S = 8.0
@@ -97,14 +100,65 @@ def make_calls(calls: int, silero: SileroSession,
     return out
 
 
-def time_cycle(calls: list[tuple[TwilioStream, list[str]]], second: bool) -> float:
+class _Conn:
+    max_message_size = 1 << 20
+    expect_continuation_frame = False
+
+
+class ProtocolStub:
+    """What `DirectTextProtocol._read_frames` reads of its protocol, for one call's
+    connection, attached to `stream`'s direct path (and its quiet hold, with `hold`)."""
+
+    close_sent = False
+    conn = _Conn()
+    _partial = b""
+
+    def __init__(self, stream: TwilioStream, hold: bool) -> None:
+        self.direct = DirectText(self)  # type: ignore[arg-type]
+        self.direct.attach(stream._on_text)
+        stream._direct = self.direct  # type: ignore[assignment]
+        if hold:
+            stream._attach_hold(stream.stream_sid)
+            stream._arm(stream._hold)  # type: ignore[arg-type]
+
+    read_frames = DirectTextProtocol._read_frames
+
+
+def _masked(text: str) -> bytes:
+    """`text` as a client's WebSocket frame (masked, as Twilio's are)."""
+    payload = text.encode()
+    mask = b"\x11\x22\x33\x44"
+    n = len(payload)
+    head = bytes((0x81, 0x80 | n)) if n < 126 else b"\x81\xfe" + n.to_bytes(2, "big")
+    return head + mask + apply_mask(payload, mask)
+
+
+def through_protocol(calls: list[tuple[TwilioStream, list[str]]], hold: bool
+                     ) -> list[tuple[Any, list[bytes]]]:
+    """Each call's frames as bytes off the socket, read by the server's protocol
+    (`DirectTextProtocol._read_frames`, its C reader and, with `hold`, the quiet hold) and
+    handed to the stream's direct path (`_on_text`). Actions are dropped here as elsewhere."""
+    out = []
+    for stream, texts in calls:
+        def drop(pending: Any, *waiting: str, stream: TwilioStream = stream) -> None:
+            pending.close()
+            for text in waiting:
+                stream._on_text(text)
+
+        stream._begin_step = drop  # type: ignore[method-assign]
+        protocol = ProtocolStub(stream, hold)
+        out.append((protocol.read_frames, [_masked(text) for text in texts]))
+    return out
+
+
+def time_cycle(calls: list[tuple[Any, list[Any]]], second: bool) -> float:
     """CPU µs per frame over one 8 s cycle (the first or the second) of every call's frames,
     interleaved."""
     frames = len(calls[0][1]) // 2
     start = time.process_time()
     for index in range(frames * second, frames * (1 + second)):
-        for stream, texts in calls:
-            stream._take(texts[index])
+        for take, texts in calls:
+            take(texts[index])
     return (time.process_time() - start) / (frames * len(calls)) * 1e6
 
 
@@ -130,6 +184,13 @@ def by_kind(calls: list[tuple[TwilioStream, list[str]]]) -> dict[str, tuple[int,
     return {kind: (int(n), total) for kind, (n, total) in out.items()}
 
 
+def feed(calls: list[tuple[TwilioStream, list[str]]], through: str, hold: bool
+         ) -> list[tuple[Any, list[Any]]]:
+    if through == "protocol":
+        return through_protocol(calls, hold)
+    return [(stream._take, texts) for stream, texts in calls]
+
+
 def print_by_kind(n: int, silero: SileroSession, resampler: str) -> None:
     calls = make_calls(n, silero, resampler)
     time_cycle(calls, second=False)  # warms up
@@ -153,6 +214,13 @@ def main() -> None:
                         help="frames waiting for the resampler's block (Conversation.hear): "
                              "as shipped, never (every frame heard one by one, bar the quiet "
                              "blocks), or both, alternated run by run in this process")
+    parser.add_argument("--through", choices=["stream", "protocol"], default="stream",
+                        help="what is timed: `TwilioStream._take` on each message's text, or "
+                             "the server's protocol reading each frame's bytes "
+                             "(`DirectTextProtocol._read_frames`) into the stream's direct path")
+    parser.add_argument("--hold", choices=["on", "off", "both"], default="on",
+                        help="with --through protocol: the quiet hold (quiet frames kept in C), "
+                             "or every frame to the stream, or both alternated")
     parser.add_argument("--once", type=int, metavar="N",
                         help="N calls, their two cycles, no timing (for valgrind)")
     parser.add_argument("--by-kind", action="store_true",
@@ -162,13 +230,28 @@ def main() -> None:
     warnings.simplefilter("ignore", RuntimeWarning)  # the actions' coroutines, never awaited
     silero = SileroSession()
     if args.once is not None:
-        calls = make_calls(args.once, silero, args.resampler)
+        calls = feed(make_calls(args.once, silero, args.resampler), args.through,
+                     args.hold == "on")
         time_cycle(calls, second=False)
         time_cycle(calls, second=True)
         return
     if args.by_kind:
         for n in args.calls:
             print_by_kind(n, silero, args.resampler)
+        return
+    if args.through == "protocol":
+        print(f"{'calls':>6} {'hold':>6} {'µs per frame (best)':>20} {'runs':>24}")
+        holds = ["on", "off"] if args.hold == "both" else [args.hold]
+        for n in args.calls:
+            by_hold: dict[str, list[float]] = {mode: [] for mode in holds}
+            for _ in range(args.repeats):
+                for mode in holds:
+                    calls = feed(make_calls(n, silero, args.resampler), "protocol", mode == "on")
+                    time_cycle(calls, second=False)
+                    by_hold[mode].append(time_cycle(calls, second=True))
+            for mode, times in by_hold.items():
+                print(f"{n:>6} {mode:>6} {min(times):>20.2f} "
+                      f"{' '.join(f'{r:.2f}' for r in times):>24}", flush=True)
         return
     shipped = Conversation._may_defer
     modes = ["on", "off"] if args.defer == "both" else [args.defer]
@@ -179,7 +262,7 @@ def main() -> None:
             for mode in modes:
                 Conversation._may_defer = (  # type: ignore[method-assign]
                     shipped if mode == "on" else lambda self, ulaw: False)
-                calls = make_calls(n, silero, args.resampler)
+                calls = feed(make_calls(n, silero, args.resampler), "stream", False)
                 time_cycle(calls, second=False)  # warms up (allocations, the first fits)
                 runs[mode].append(time_cycle(calls, second=True))
         for mode, times in runs.items():

@@ -46,6 +46,7 @@ FRAME_BYTES = 160  # one Twilio media frame: 20 ms of 8 kHz μ-law
 # none of its windows can be scored as speech. The codes, to be deleted by `bytes.translate`.
 QUIET_PEAK = 52
 _QUIET_CODES = bytes(int(code) for code in np.flatnonzero(np.abs(ULAW_TO_PCM) <= QUIET_PEAK))
+QUIET_CODES = _QUIET_CODES  # the μ-law codes within ±`QUIET_PEAK` (`is_quiet_ulaw`)
 
 
 def ulaw_to_pcm16(data: bytes) -> np.ndarray:

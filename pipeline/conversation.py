@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import anyio
 import numpy as np
@@ -64,6 +66,13 @@ QUIET_RUN = 8  # quiet frames (160 ms) before holding: the resampler and VAD hav
 HOLD_FRAMES = 25  # quiet frames listened to as one block (500 ms), of FRAME_BYTES each
 
 
+class QuietHold(Protocol):
+    """Where the transport keeps the caller's quiet frames for `hear_held` (the Twilio stream's
+    `telephony._fastmedia.QuietHold`): it keeps none once `limit` is 0."""
+
+    limit: int
+
+
 class Conversation(TurnActions, Speaking):
     """The per-call conversation state machine (see module docstring)."""
 
@@ -96,6 +105,10 @@ class Conversation(TurnActions, Speaking):
         self._deferred = False  # `_held` holds frames waiting for the resampler's block
         # Bot audio sent while frames were held: (frames held before it, what was sent).
         self._held_sends: list[tuple[int, list[tuple[bytes, float]]]] = []
+        # The transport's quiet hold, when it has one (`hold_room`): bot audio going out stops
+        # it, so that the next frame comes through `hear` and records where the audio fell.
+        self.hold: QuietHold | None = None
+        self._sink.on_sent = self._stop_hold
         self._prepared: Prepared | None = None
         self._paused: tuple[float, float] | None = None  # (speech onset, clear sent)
         system_prompt = call.parameters.get("system_prompt") or config.system_prompt
@@ -252,6 +265,39 @@ class Conversation(TurnActions, Speaking):
         self._lay(self._sink.take_sent())
         actions.extend(self._listen(ulaw_to_pcm16(ulaw)))
         return actions
+
+    def hold_room(self) -> int:
+        """How many of the next frames `hear` would only hold, if they are quiet whole frames
+        (0 when it would listen to the next one): the transport may keep that many and give
+        them to `hear_held` as one block, instead of each to `hear`. Fewer than the block's
+        room when the caller's idle time reaches its next limit sooner, so that the reprompt
+        or hang-up comes on the same frame."""
+        if (self._quiet_run < QUIET_RUN or self.listener.in_speech or self._deferred
+                or self._sink.has_sent):
+            return 0
+        room = HOLD_FRAMES - len(self._held)
+        if not (self._ending or self.bot_active):
+            limit_s = self.config.idle_hangup_s if self._reprompted else self.config.idle_reprompt_s
+            frames = math.ceil((limit_s * 1000 - self._idle_ms) / (FRAME_BYTES / 8.0))
+            room = min(room, max(1, frames))
+        return room
+
+    def hear_held(self, ulaw: bytes, frames: int) -> list[Action]:
+        """`frames` quiet frames (at most `hold_room()`, asked just before the first of them)
+        that the transport kept: held as `hear` would hold each of them, their idle time
+        counted at once, and the block listened to when it is whole. The idle timer reads the
+        bot's state once for them, not frame by frame: the bot busy only within them (a reply
+        begun and ended in under half a second without sending audio, which would have
+        stopped the hold) does not restart it."""
+        self._track_idle(frames * FRAME_BYTES / 8.0)
+        held = self._held
+        held.extend([ulaw[i:i + FRAME_BYTES] for i in range(0, frames * FRAME_BYTES, FRAME_BYTES)])
+        return self._release() if len(held) >= HOLD_FRAMES else []
+
+    def _stop_hold(self) -> None:
+        hold = self.hold
+        if hold is not None:
+            hold.limit = 0
 
     def _may_defer(self, ulaw: bytes) -> bool:
         """Whether a frame may wait for the resampler's next block (`hear`): a whole frame,

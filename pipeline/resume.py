@@ -20,6 +20,7 @@ audio keeps playing between the last echoed mark and the moment our `clear` went
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,8 +45,11 @@ class _Piece(SpokenSegment):
     def mark_sent(self, nbytes: int) -> None:
         self.sends.append((self.sent_bytes, time.monotonic()))
         SpokenSegment.mark_sent(self, nbytes)
-        if self.owner is not None:
-            self.owner.has_sent = True
+        owner = self.owner
+        if owner is not None:
+            owner.has_sent = True
+            if owner.on_sent is not None:
+                owner.on_sent()
         if self.origin is not None:
             self.origin.mark_sent(nbytes)
 
@@ -87,6 +91,7 @@ class ResumableSink:
         self._inner = inner
         self._live: list[_Piece] = []  # pieces handed to the transport, not finished
         self.has_sent = False  # bot audio went out since the last `take_sent`
+        self.on_sent: Callable[[], None] | None = None  # called as `has_sent` is set
         self._held: list[SpokenSegment] = []  # played while paused: waiting for resume
         self.paused: Paused | None = None
         self._pausing = False

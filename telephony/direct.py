@@ -4,6 +4,12 @@ A server that can hand text messages to the app as they are parsed (without the 
 queue) puts a `DirectText` handle in the WebSocket scope's extensions under `DIRECT_TEXT`
 (`voicebot.ws_protocol` does it for uvicorn). `telephony.stream.TwilioStream` uses it when it
 is there and `receive()` for everything when it is not.
+
+A handle may also offer `attach_hold(hold, on_full) -> bool` (`voicebot.ws_protocol` does,
+with the C extension built): the caller's quiet frames that the stream's conversation would
+only hold are kept in a `telephony._fastmedia.QuietHold` without reaching the handler, and
+`on_full` runs when the hold has as many as its `limit` (see `TwilioStream`, "the quiet
+hold"). A handle without it sends every message to the handler.
 """
 
 from __future__ import annotations

@@ -249,10 +249,11 @@ def _fast_payload(encoded: str) -> bytes | None:
 # (whole base64 quartets), in a fifth of the time; None for anything else, which goes on
 # below. Without a compiler the extension is not built and the expressions read everything.
 try:
+    from telephony._fastmedia import QuietHold
     from telephony._fastmedia import inbound_media as _inbound_media
     from telephony._fastmedia import media_fields as _media_fields
 except ImportError:  # pragma: no cover - depends on the install
-    _inbound_media = _media_fields = None
+    _inbound_media = _media_fields = QuietHold = None
 
 # The longest payload a media message may carry, in base64 characters (`inbound_media`).
 MAX_PAYLOAD_B64 = _MAX_PAYLOAD_B64

@@ -36,6 +36,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
+from media.mulaw import QUIET_CODES
 from pipeline.conversation import CallInfo, Conversation
 from pipeline.events import PipelineEvent
 from pipeline.speech import PeerGone
@@ -48,6 +49,7 @@ from telephony.messages import (
     Mark,
     Media,
     ProtocolError,
+    QuietHold,
     Start,
     Stop,
     inbound_media,
@@ -188,6 +190,8 @@ class TwilioStream:
         # The stream's SID while its media frames may take the hot path in `_take` (started,
         # with a conversation, not stopped); None otherwise.
         self._media_sid: str | None = None
+        # The quiet hold (see `_arm`), when the direct path and the C extension offer one.
+        self._hold: QuietHold | None = None
 
     def _transition(self, event: str, to: StreamState | None = None) -> None:
         if event not in _ALLOWED[self.state]:
@@ -286,16 +290,96 @@ class TwilioStream:
             if len(backlog) == BACKLOG_PAUSE and self._direct is not None:
                 self._direct.pause_reading()
             return
+        hold = self._hold
         try:
+            if hold is not None and hold.count:
+                # Frames the hold kept came before this message: they are heard first.
+                pending = self._flush_hold(hold)
+                if pending is not None:
+                    self._begin_step(pending, text)
+                    return
             pending = self._take(text)
         except Exception as exc:
             self._direct_failed(exc)
             return
         if pending is not None:
-            self._backlog = deque()
-            self._step_first = pending
-            self._stepping = asyncio.get_running_loop().create_task(
-                self._step(pending), name=f"stream-step:{self.call_sid}")
+            self._begin_step(pending)
+        elif hold is not None:
+            self._arm(hold)
+
+    def _begin_step(self, pending: Pending, *waiting: str) -> None:
+        """Run `pending` in a task; the messages after it wait in the backlog meanwhile."""
+        self._backlog = deque(waiting)
+        if self._hold is not None:
+            self._hold.limit = 0
+        self._step_first = pending
+        self._stepping = asyncio.get_running_loop().create_task(
+            self._step(pending), name=f"stream-step:{self.call_sid}")
+
+    # The quiet hold. Most of a call the caller is listening on a quiet line, and
+    # `Conversation.hear` only holds those frames, to listen to them 25 at a time. With the
+    # direct path and the C extension, the protocol keeps them in a `QuietHold` instead
+    # (`voicebot.ws_protocol`, `_fastmedia.masked_hold`): no Python runs for such a frame.
+    # The hold takes at most `Conversation.hold_room()` frames, asked after every message the
+    # stream handles, and only while nothing waits in the backlog; what it kept goes to
+    # `Conversation.hear_held` as one block before the next message is handled, or when it is
+    # full. Bot audio going out stops it (`Conversation.hold`), so that the next frame comes
+    # through `hear` and records where the audio fell between the held frames.
+
+    def _attach_hold(self, stream_sid: str) -> None:
+        attach = getattr(self._direct, "attach_hold", None)
+        conversation = self.conversation
+        if (QuietHold is None or attach is None or not 1 <= len(stream_sid) <= 64
+                or not hasattr(conversation, "hold_room")):
+            return  # a transport or conversation without it: every frame through `_take`
+        hold = QuietHold(stream_sid, QUIET_CODES, self._max_message_bytes)
+        if attach(hold, self._on_hold_full):
+            self._hold = hold
+            conversation.hold = hold  # type: ignore[union-attr]
+
+    def _arm(self, hold: QuietHold) -> None:
+        """Let the hold keep as many frames as the conversation would only hold now."""
+        if hold.count:
+            return  # kept under an earlier limit, heard before the next message
+        conversation = self.conversation
+        hold.limit = (conversation.hold_room()  # type: ignore[union-attr]
+                      if self._media_sid is not None and self._backlog is None
+                      and not self._broken else 0)
+
+    def _on_hold_full(self) -> None:
+        """The hold has as many frames as it may (runs in the server's `data_received`)."""
+        hold = self._hold
+        if hold is None or self._broken or self._backlog is not None:
+            return
+        try:
+            pending = self._flush_hold(hold)
+        except Exception as exc:
+            self._direct_failed(exc)
+            return
+        if pending is not None:
+            self._begin_step(pending)
+        else:
+            self._arm(hold)
+
+    def _flush_hold(self, hold: QuietHold) -> Pending | None:
+        """The frames the hold kept, to the conversation as one block: counted, their lag
+        sampled and heard as `_on_media` does one by one."""
+        audio, stamps, arrivals = hold.take()
+        self._count_held(stamps, arrivals)
+        conversation = self.conversation
+        assert conversation is not None
+        actions = conversation.hear_held(audio, len(stamps))
+        return conversation.act(actions) if actions else None
+
+    def _count_held(self, stamps: list[int], arrivals: list[float]) -> None:
+        stats = self.stats
+        if self.on_frame_lag is None:
+            stats.frames += len(stamps)
+            return
+        for stamp, arrival in zip(stamps, arrivals, strict=True):
+            stats.frames += 1
+            if stats.frames % LAG_SAMPLE_EVERY == 0:
+                self._frame_lag(arrival - stamp / 1000)
 
     async def _step(self, pending: Pending) -> None:
         """Finish one message's async work, then the messages that arrived meanwhile."""
@@ -311,6 +395,8 @@ class TwilioStream:
                 if next_pending is not None:
                     await self._run_pending(next_pending)
             self._backlog = None
+            if self._hold is not None:
+                self._arm(self._hold)
             if self._direct is not None:
                 self._direct.resume_reading()
         except Exception as exc:
@@ -326,6 +412,8 @@ class TwilioStream:
     def _direct_failed(self, exc: Exception) -> None:
         # Raised in the run loop, so it ends the call as it would have there.
         self._broken = True
+        if self._hold is not None:
+            self._hold.limit = 0
         self._direct_error = exc
         self._wake_run()
 
@@ -342,6 +430,12 @@ class TwilioStream:
         if self._direct is not None:
             self._direct.detach()
             self._direct = None
+        hold, self._hold = self._hold, None
+        if hold is not None and hold.count and not self._broken:
+            # The line's last quiet frames: heard and counted, as they would have been held.
+            pending = self._flush_hold(hold)
+            if pending is not None:
+                pending.close()  # the call is over: nothing is left to act on
         tasks = [t for t in (self._receiving, self._stepping) if t is not None and not t.done()]
         self._receiving = self._stepping = None
         for task in tasks:
@@ -440,11 +534,14 @@ class TwilioStream:
         assert conversation is not None
         actions = conversation.hear(payload)
         if self.on_frame_lag is not None and self.stats.frames % LAG_SAMPLE_EVERY == 0:
-            offset = time.monotonic() - timestamp_ms / 1000
-            if self._lag_base is None or offset < self._lag_base:
-                self._lag_base = offset
-            self.on_frame_lag(offset - self._lag_base)
+            self._frame_lag(time.monotonic() - timestamp_ms / 1000)
         return conversation.act(actions) if actions else None
+
+    def _frame_lag(self, offset: float) -> None:
+        """A frame handled `offset` seconds after its timestamp: its lag behind the best."""
+        if self._lag_base is None or offset < self._lag_base:
+            self._lag_base = offset
+        self.on_frame_lag(offset - self._lag_base)  # type: ignore[misc]
 
     def _check_stream(self, stream_sid: str) -> None:
         if stream_sid != self.stream_sid:
@@ -474,6 +571,7 @@ class TwilioStream:
         await self.conversation.begin()
         if self.state is StreamState.STARTED:
             self._media_sid = start.stream_sid
+            self._attach_hold(start.stream_sid)
         log.info("call started call_sid=%s stream_sid=%s direction=%s in %.1f ms",
                  info.call_sid, info.stream_sid, info.direction,
                  (time.monotonic() - started) * 1000)

@@ -28,7 +28,10 @@ While a handler is attached, the protocol also reads the frames itself: a comple
 masked text frame without extension bits (every message Twilio sends) is unmasked and
 decoded here, about a sixth of the cost of `websockets`' general parser (and that usual frame
 is read in C, `telephony._fastmedia.masked_text`, when the extension is built: the loop's own
-steps for it, in one call). Any other frame —
+steps for it, in one call). A handler may also attach a *quiet hold*
+(`DirectText.attach_hold`, `telephony._fastmedia.QuietHold`): frames the hold takes (the
+caller's quiet audio while the stream's conversation would only hold it) are kept in C, with
+no Python call per frame, and `on_full` is called when it has as many as it may. Any other frame —
 ping, pong, close, binary, a fragment, an oversized or malformed one — is handed whole to
 `websockets`, which checks and answers it as before; the two never see half a frame each.
 """
@@ -44,9 +47,11 @@ from websockets.protocol import State
 from telephony.direct import DIRECT_TEXT
 
 try:  # the usual frame read in C (telephony/_fastmedia.c); without it, the loop below
+    from telephony._fastmedia import QuietHold
+    from telephony._fastmedia import masked_hold as _masked_hold
     from telephony._fastmedia import masked_text as _masked_text
 except ImportError:  # pragma: no cover - depends on the install
-    _masked_text = None
+    _masked_text = _masked_hold = QuietHold = None
 
 TextHandler = Callable[[str], None]
 
@@ -54,18 +59,31 @@ TextHandler = Callable[[str], None]
 class DirectText:
     """The app's handle on one connection's direct text path (see the module doc)."""
 
-    __slots__ = ("_protocol", "handler")
+    __slots__ = ("_protocol", "handler", "hold", "on_full")
 
     def __init__(self, protocol: DirectTextProtocol) -> None:
         self._protocol = protocol
         self.handler: TextHandler | None = None
+        self.hold: QuietHold | None = None
+        self.on_full: Callable[[], None] | None = None
 
     def attach(self, handler: TextHandler) -> None:
         """From now on, complete text messages go to `handler` instead of `receive()`."""
         self.handler = handler
 
+    def attach_hold(self, hold: QuietHold, on_full: Callable[[], None]) -> bool:
+        """Frames `hold` takes are kept there instead of going to the handler, while its
+        `limit` is above its `count`; `on_full` runs when they meet (it must not raise).
+        False without the C extension (nothing is held)."""
+        if _masked_hold is None:
+            return False
+        self.hold = hold
+        self.on_full = on_full
+        return True
+
     def detach(self) -> None:
         self.handler = None
+        self.hold = self.on_full = None
         self.resume_reading()
 
     @property
@@ -126,11 +144,20 @@ class DirectTextProtocol(WebSocketsSansIOProtocol):
             if (_masked_text is not None and handler is not None and not self.close_sent
                     and not self.conn.expect_continuation_frame):
                 # The usual frame (a whole, final, masked text frame, UTF-8 within the
-                # limit) read in C: exactly what the lines below do with it.
-                read = _masked_text(data, pos, limit)
+                # limit) read in C: exactly what the lines below do with it; with a quiet
+                # hold that has room, frames it takes are kept there instead.
+                hold = direct.hold  # type: ignore[union-attr]
+                if hold is not None and hold.limit > hold.count:
+                    read = _masked_hold(data, pos, limit, hold)  # type: ignore[misc]
+                else:
+                    read = _masked_text(data, pos, limit)
                 if read is not None:
                     pos = read[1]
-                    handler(read[0])
+                    text = read[0]
+                    if text is not None:
+                        handler(text)
+                    elif hold.count >= hold.limit:  # type: ignore[union-attr]
+                        direct.on_full()  # type: ignore[union-attr, misc]
                     continue
             first, second = data[pos], data[pos + 1]
             length = second & 0x7F
