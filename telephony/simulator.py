@@ -305,8 +305,10 @@ class SimulatedCaller:
         import websockets
 
         self._pending_sends: deque[str] = deque()
+        # No compression: Twilio does not offer permessage-deflate, and with it the server
+        # reads every frame the general way, never its frame reader or quiet hold.
         async with websockets.connect(self.url, additional_headers=self.headers,
-                                      max_size=2**22) as ws:
+                                      max_size=2**22, compression=None) as ws:
             self._ws = ws
             receiver = asyncio.create_task(self._receive())
             try:
