@@ -299,13 +299,13 @@ class TwilioStream:
                     self._begin_step(pending, text)
                     return
             pending = self._take(text)
+            if pending is None and hold is not None:
+                self._arm(hold)
         except Exception as exc:
             self._direct_failed(exc)
             return
         if pending is not None:
             self._begin_step(pending)
-        elif hold is not None:
-            self._arm(hold)
 
     def _begin_step(self, pending: Pending, *waiting: str) -> None:
         """Run `pending` in a task; the messages after it wait in the backlog meanwhile."""
@@ -353,13 +353,13 @@ class TwilioStream:
             return
         try:
             pending = self._flush_hold(hold)
+            if pending is None:
+                self._arm(hold)
         except Exception as exc:
             self._direct_failed(exc)
             return
         if pending is not None:
             self._begin_step(pending)
-        else:
-            self._arm(hold)
 
     def _flush_hold(self, hold: QuietHold) -> Pending | None:
         """The frames the hold kept, to the conversation as one block: counted, their lag

@@ -147,3 +147,24 @@ def test_the_callers_idle_time_reaches_its_limits_on_the_same_frames(
     assert held["spawned"] == plain["spawned"] == [(65, "reprompt"), (130, "end")]
     assert held["idle"] == plain["idle"]
     assert held["held_in_c"] > 0.5 * len(frames)
+
+
+def test_a_failure_in_the_hold_ends_the_call_instead_of_escaping_to_the_server(
+        silero: SileroSession) -> None:
+    """The handler must not raise (it runs in the server's `data_received`)."""
+    conversation = _conversation(silero)
+    stream = TwilioStream(object(), None)  # type: ignore[arg-type]
+    stream.state = StreamState.STARTED
+    stream.stream_sid = stream._media_sid = SID
+    stream.conversation = conversation
+    protocol = ProtocolStub(stream, True)
+
+    def broken() -> int:
+        raise RuntimeError("a bug in holding")
+
+    conversation.hold_room = broken  # type: ignore[method-assign]
+    frame = _frame(0x81, inbound_media_text(SID, 1, 1, 20, base64.b64encode(
+        b"\xff" * 160).decode()).encode(), b"abcd", 16)
+    protocol.read_frames(frame)  # does not raise
+    assert stream._broken and isinstance(stream._direct_error, RuntimeError)
+    assert stream._hold is not None and stream._hold.limit == 0
