@@ -1,5 +1,6 @@
 /* Twilio's compact `media` message, read in C (telephony/messages.py, `_media_by_layout`),
- * and the WebSocket text frame that carries it (`masked_text`, at the end).
+ * the WebSocket text frame that carries it (`masked_text`), and the caller's quiet frames kept
+ * for a stream without a Python call each (`QuietHold`, `masked_hold`, at the end).
  *
  * media_fields(text, max_payload_b64) reads exactly the layout Twilio sends, with no
  * whitespace:
