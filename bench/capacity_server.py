@@ -272,13 +272,16 @@ class InstrumentedStream(TwilioStream):
     def _on_media(self, payload: bytes, timestamp_ms: int) -> Any:
         start = time.perf_counter()
         pending = super()._on_media(payload, timestamp_ms)
-        now = time.monotonic()
-        # When the frame was due by its own clock: this call's best offset plus its timestamp.
-        offset = now - timestamp_ms / 1000
+        STATS.observe(self._lag(time.monotonic() - timestamp_ms / 1000),
+                      time.perf_counter() - start)
+        return pending
+
+    def _lag(self, offset: float) -> float:
+        """A frame handled `offset` seconds after its timestamp: how late it was, against when
+        it was due by its own clock (this call's best offset plus its timestamp)."""
         if self._base is None or offset < self._base:
             self._base = offset
-        STATS.observe(offset - self._base, time.perf_counter() - start)
-        return pending
+        return offset - self._base
 
     def _flush_hold(self, hold: Any) -> Any:
         # Frames the quiet hold kept (no Python ran for them): each one's lag from when the
@@ -292,10 +295,7 @@ class InstrumentedStream(TwilioStream):
         super()._count_held(stamps, arrivals)
         STATS.held += len(stamps)
         for stamp, arrival in zip(stamps, arrivals, strict=True):
-            offset = arrival - stamp / 1000
-            if self._base is None or offset < self._base:
-                self._base = offset
-            STATS.observe(offset - self._base, 0.0)
+            STATS.observe(self._lag(arrival - stamp / 1000), 0.0)
 
 
 def _read(path: Path) -> str:

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 QUIET_RUN = 8  # quiet frames (160 ms) before holding: the resampler and VAD have caught up
 HOLD_FRAMES = 25  # quiet frames listened to as one block (500 ms), of FRAME_BYTES each
+FRAME_MS = FRAME_BYTES / 8.0  # a whole frame's audio time (8 kHz μ-law: a byte a sample)
 
 
 class QuietHold(Protocol):
@@ -278,7 +279,7 @@ class Conversation(TurnActions, Speaking):
         room = HOLD_FRAMES - len(self._held)
         if not (self._ending or self.bot_active):
             limit_s = self.config.idle_hangup_s if self._reprompted else self.config.idle_reprompt_s
-            frames = math.ceil((limit_s * 1000 - self._idle_ms) / (FRAME_BYTES / 8.0))
+            frames = math.ceil((limit_s * 1000 - self._idle_ms) / FRAME_MS)
             room = min(room, max(1, frames))
         return room
 
@@ -289,7 +290,7 @@ class Conversation(TurnActions, Speaking):
         bot's state once for them, not frame by frame: the bot busy only within them (a reply
         begun and ended in under half a second without sending audio, which would have
         stopped the hold) does not restart it."""
-        self._track_idle(frames * FRAME_BYTES / 8.0)
+        self._track_idle(frames * FRAME_MS)
         held = self._held
         held.extend([ulaw[i:i + FRAME_BYTES] for i in range(0, frames * FRAME_BYTES, FRAME_BYTES)])
         return self._release() if len(held) >= HOLD_FRAMES else []

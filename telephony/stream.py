@@ -291,16 +291,26 @@ class TwilioStream:
                 self._direct.pause_reading()
             return
         hold = self._hold
-        try:
-            if hold is not None and hold.count:
-                # Frames the hold kept came before this message: they are heard first.
+        if hold is not None and hold.count:
+            # Frames the hold kept came before this message: they are heard first, and the
+            # message waits behind what they leave to do.
+            try:
                 pending = self._flush_hold(hold)
-                if pending is not None:
-                    self._begin_step(pending, text)
-                    return
-            pending = self._take(text)
-            if pending is None and hold is not None:
-                self._arm(hold)
+            except Exception as exc:
+                self._direct_failed(exc)
+                return
+            if pending is not None:
+                self._begin_step(pending, text)
+                return
+        self._settle(self._take, text)
+
+    def _settle(self, handle: Callable[[Any], Pending | None], arg: Any) -> None:
+        """`handle(arg)` on the direct path: what it leaves to do runs in a step, or else the
+        hold is armed for the next frames; a failure ends the call (never raises)."""
+        try:
+            pending = handle(arg)
+            if pending is None and self._hold is not None:
+                self._arm(self._hold)
         except Exception as exc:
             self._direct_failed(exc)
             return
@@ -351,15 +361,7 @@ class TwilioStream:
         hold = self._hold
         if hold is None or self._broken or self._backlog is not None:
             return
-        try:
-            pending = self._flush_hold(hold)
-            if pending is None:
-                self._arm(hold)
-        except Exception as exc:
-            self._direct_failed(exc)
-            return
-        if pending is not None:
-            self._begin_step(pending)
+        self._settle(self._flush_hold, hold)
 
     def _flush_hold(self, hold: QuietHold) -> Pending | None:
         """The frames the hold kept, to the conversation as one block: counted, their lag
