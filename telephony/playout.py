@@ -7,12 +7,17 @@ audio goes out in `chunk_ms` pieces, each followed by a `mark`, and we only send
 `lead_ms` is queued at Twilio. "Queued at Twilio" is estimated two ways and the smaller wins:
 the wall clock (audio plays in real time) and the marks not yet echoed (Twilio echoes a mark
 once the audio before it has played). Marks also tell each segment how much was heard.
+
+The defaults, 200 ms pieces and a 300 ms lead, keep at least 100 ms queued at Twilio between
+sends (as 100 ms pieces with a 200 ms lead did) with half the messages: every piece is a
+write, a mark and its echo, and a wake-up of this loop, about a tenth of a server's CPU at
+100 ms (`bench/capacity_media.py`, docs/ARCHITECTURE.md "Capacity"). What is heard is known
+to the piece; a barge-in's `clear` drops Twilio's whole buffer whatever its size.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -23,6 +28,10 @@ from pipeline.speech import ULAW_BYTES_PER_MS, SpokenSegment
 from telephony.messages import clear_message, mark_message, media_message
 
 log = logging.getLogger(__name__)
+
+# Defaults of the settings PLAYOUT_LEAD_MS and PLAYOUT_CHUNK_MS (voicebot/settings.py).
+DEFAULT_LEAD_MS = 300
+DEFAULT_CHUNK_MS = 200
 
 # Sends text messages in order; several given at once go out together (one write).
 Send = Callable[..., Awaitable[None]]
@@ -36,13 +45,14 @@ class TwilioPlayout:
         send: Send,
         stream_sid: str,
         *,
-        lead_ms: int = 200,
-        chunk_ms: int = 100,
+        lead_ms: int = DEFAULT_LEAD_MS,
+        chunk_ms: int = DEFAULT_CHUNK_MS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._send = send
         self._stream_sid = stream_sid
         self._lead_ms = lead_ms
+        self._chunk_ms = chunk_ms
         self._chunk_bytes = chunk_ms * ULAW_BYTES_PER_MS
         self._clock = clock
         self._queue: deque[SpokenSegment] = deque()
@@ -110,29 +120,31 @@ class TwilioPlayout:
 
     async def run(self) -> None:
         """Send audio as the lead allows; runs for the life of the stream."""
+        loop = asyncio.get_running_loop()
+        wake = self._wake
         while True:
             if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
+                wake.clear()
+                await wake.wait()
                 continue
             now = self._clock()
             queued = self._queued_ms(now)
-            next_ms = self._next_chunk_ms()
-            if queued > 0 and queued + next_ms > self._lead_ms:
-                self._wake.clear()
-                wait_s = (queued + next_ms - self._lead_ms) / 1000.0 + 0.002
-                # Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that lands
-                # as the event fires, and this loop would outlive its call.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait_s):
-                        await self._wake.wait()
+            # A segment's short last piece goes when a whole one would: the pieces reach
+            # Twilio a piece's time apart.
+            if queued > 0 and queued + self._chunk_ms > self._lead_ms:
+                wake.clear()
+                wait_s = (queued + self._chunk_ms - self._lead_ms) / 1000.0 + 0.002
+                # A timer sets the wake event: waiting costs no exception when the time
+                # comes (about once a chunk, as an expiring `asyncio.timeout` would raise),
+                # and a cancellation goes straight through (`asyncio.wait_for` on 3.11 can
+                # swallow one that lands as the event fires).
+                timer = loop.call_later(wait_s, wake.set)
+                try:
+                    await wake.wait()
+                finally:
+                    timer.cancel()
                 continue
             await self._send_next_chunk(now)
-
-    def _next_chunk_ms(self) -> float:
-        segment = self._queue[0]
-        remaining = len(segment.audio) - segment.sent_bytes
-        return min(self._chunk_bytes, remaining) / ULAW_BYTES_PER_MS
 
     async def _send_next_chunk(self, now: float) -> None:
         async with self._lock:

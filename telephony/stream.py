@@ -55,7 +55,7 @@ from telephony.messages import (
     inbound_media,
     parse_message,
 )
-from telephony.playout import TwilioPlayout
+from telephony.playout import DEFAULT_CHUNK_MS, DEFAULT_LEAD_MS, TwilioPlayout
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ class TwilioStream:
         websocket: WebSocket,
         make_conversation: ConversationFactory,
         *,
-        lead_ms: int = 200,
-        chunk_ms: int = 100,
+        lead_ms: int = DEFAULT_LEAD_MS,
+        chunk_ms: int = DEFAULT_CHUNK_MS,
         max_message_bytes: int = 64 * 1024,
         default_direction: str = "inbound",
         max_call_s: float | None = None,

@@ -133,9 +133,10 @@ class Settings(BaseSettings):
     prepare_lead_ms: int = Field(default=700, ge=0, le=2000)
     history_turns: int = Field(default=8, ge=1)
 
-    # Outbound audio: how far ahead of the caller's ear we let Twilio's buffer run.
-    playout_lead_ms: int = Field(default=200, ge=40, le=2000)
-    playout_chunk_ms: int = Field(default=100, ge=20, le=1000)
+    # Outbound audio: how far ahead of the caller's ear we let Twilio's buffer run, and the
+    # size of each media message (telephony/playout.py: DEFAULT_LEAD_MS, DEFAULT_CHUNK_MS).
+    playout_lead_ms: int = Field(default=300, ge=40, le=2000)
+    playout_chunk_ms: int = Field(default=200, ge=20, le=1000)
 
     # The web viewer's login (web/auth.py). "auto": required when listening off loopback or
     # when UI_PASSWORD is set.

@@ -1,4 +1,5 @@
 import asyncio
+import base64
 import json
 
 from pipeline.speech import SpokenSegment
@@ -84,4 +85,44 @@ async def test_paced_sending_follows_the_clock_without_marks() -> None:
     await asyncio.sleep(0.3)
     # ~300 ms of real time + 100 ms lead ≈ 400 ms sent: 8 chunks (±1 for timer slack).
     assert 7 <= len(wire.of("media")) <= 9
+    task.cancel()
+
+
+async def test_cancelled_while_waiting_for_the_lead_it_stops_and_sends_nothing_more() -> None:
+    wire = Wire()
+    playout = TwilioPlayout(wire.send, "MZ1", lead_ms=200, chunk_ms=100)
+    task = await _start(playout)
+    playout.play(SpokenSegment("x", b"\xff" * 8000))  # 1 s: it waits after 200 ms
+    await asyncio.sleep(0.02)
+    assert len(wire.of("media")) == 2
+    task.cancel()
+    await asyncio.wait([task], timeout=1.0)
+    assert task.cancelled()
+    await asyncio.sleep(0.15)  # past the wait's timer: it was cancelled with the task
+    assert len(wire.of("media")) == 2
+
+
+async def test_a_short_last_piece_goes_when_a_whole_one_would() -> None:
+    wire = Wire()
+    playout = TwilioPlayout(wire.send, "MZ1", lead_ms=200, chunk_ms=100)
+    task = await _start(playout)
+    playout.play(SpokenSegment("x", b"\xff" * 2000))  # 250 ms: pieces of 100, 100 and 50
+    await asyncio.sleep(0.075)
+    # Sized by what is left, the 50 ms piece would fit the lead at 50 ms; it waits for 100.
+    assert [len(m["media"]["payload"]) for m in wire.of("media")] == [1068, 1068]
+    await asyncio.sleep(0.1)
+    assert len(wire.of("media")) == 3
+    task.cancel()
+
+
+async def test_by_default_pieces_are_200_ms_with_at_most_300_ms_ahead() -> None:
+    wire = Wire()
+    playout = TwilioPlayout(wire.send, "MZ1")
+    task = await _start(playout)
+    playout.play(SpokenSegment("x", b"\xff" * 8000))  # 1 s
+    await asyncio.sleep(0.05)
+    assert len(wire.of("media")) == 1 and len(wire.of("mark")) == 1
+    assert len(base64.b64decode(wire.of("media")[0]["media"]["payload"])) == 1600
+    await asyncio.sleep(0.1)  # 100 ms queued: room for the next piece
+    assert len(wire.of("media")) == 2
     task.cancel()
