@@ -193,7 +193,7 @@ def feed(calls: list[tuple[TwilioStream, list[str]]], through: str, hold: bool
 
 def print_by_kind(n: int, silero: SileroSession, resampler: str) -> None:
     calls = make_calls(n, silero, resampler)
-    time_cycle(calls, second=False)  # warms up
+    time_cycle(feed(calls, "stream", hold=False), second=False)  # warms up
     kinds = by_kind(calls)
     frames = sum(count for count, _ in kinds.values())
     total = sum(us for _, us in kinds.values())
