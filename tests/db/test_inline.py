@@ -6,13 +6,11 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import create_db_engine
 from db.inline import InlineSession, InlineWriter, drive
@@ -20,68 +18,73 @@ from db.models import Call
 from db.repository import CallNotFound, CallRepository
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-CREATE = text("INSERT INTO calls (call_sid, status, started_at, created_at) "
-              "VALUES (:sid, 'queued', :t, :t)")
 
 
-@pytest.fixture
-async def file_engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
+async def test_a_file_database_writes_through_its_writer_thread(sqlite_url: str) -> None:
     engine = create_db_engine(sqlite_url)
-    yield engine
-    await engine.dispose()
+    try:
+        writer = InlineWriter.for_engine(engine)
+        assert writer is not None and InlineWriter.for_engine(engine) is writer
+        seen: list[str] = []
+
+        async def work(session: InlineSession) -> int:
+            seen.append(threading.current_thread().name)
+            await session.execute(text("INSERT INTO calls (call_sid, status, started_at, "
+                                       "created_at) VALUES ('CA1', 'queued', :t, :t)"),
+                                  {"t": T0})
+            return 7
+
+        assert await writer.transaction(work) == 7
+        assert seen[0].startswith("sqlite-writer") and seen[0] != threading.current_thread().name
+        # Committed: the async engine (another connection) reads it at once.
+        repo = CallRepository(engine)
+        assert (await repo.get_call("CA1")).call.status == "queued"
+    finally:
+        await engine.dispose()
 
 
-def writer_of(engine: AsyncEngine) -> InlineWriter:
-    writer = InlineWriter.for_engine(engine)
-    assert writer is not None
-    return writer
+async def test_a_failed_transaction_is_rolled_back_and_raises_here(sqlite_url: str) -> None:
+    engine = create_db_engine(sqlite_url)
+    try:
+        writer = InlineWriter.for_engine(engine)
+        assert writer is not None
+        insert = text("INSERT INTO calls (call_sid, status, started_at, created_at) "
+                      "VALUES (:sid, 'queued', :t, :t)")
+
+        async def twice(session: InlineSession) -> None:
+            await session.execute(insert, {"sid": "CA2", "t": T0})
+            await session.execute(insert, {"sid": "CA1", "t": T0})
+            await session.execute(insert, {"sid": "CA1", "t": T0})  # call_sid is unique
+
+        with pytest.raises(IntegrityError):
+            await writer.transaction(twice)
+
+        async def count(session: InlineSession) -> int:
+            return len(list(await session.scalars(select(Call.call_sid))))
+
+        assert await writer.transaction(count) == 0  # CA2 went with the rest
+    finally:
+        await engine.dispose()
 
 
-async def test_a_file_database_writes_through_its_writer_thread(file_engine: AsyncEngine
-                                                                 ) -> None:
-    writer = writer_of(file_engine)
-    assert InlineWriter.for_engine(file_engine) is writer
-    seen: list[str] = []
+async def test_work_that_suspends_is_refused_and_leaves_nothing_behind(sqlite_url: str) -> None:
+    engine = create_db_engine(sqlite_url)
+    try:
+        writer = InlineWriter.for_engine(engine)
+        assert writer is not None
 
-    async def work(session: InlineSession) -> int:
-        seen.append(threading.current_thread().name)
-        await session.execute(CREATE, {"sid": "CA1", "t": T0})
-        return 7
+        async def suspends(session: InlineSession) -> None:
+            await session.execute(text("INSERT INTO calls (call_sid, status, started_at, "
+                                       "created_at) VALUES ('CA1', 'queued', :t, :t)"),
+                                  {"t": T0})
+            await asyncio.sleep(0)  # not a statement: there is no event loop in the thread
 
-    assert await writer.transaction(work) == 7
-    assert seen[0].startswith("sqlite-writer") and seen[0] != threading.current_thread().name
-    # Committed: the async engine (another connection) reads it at once.
-    assert (await CallRepository(file_engine).get_call("CA1")).call.status == "queued"
-
-
-async def test_a_failed_transaction_is_rolled_back_and_raises_here(file_engine: AsyncEngine
-                                                                   ) -> None:
-    writer = writer_of(file_engine)
-
-    async def twice(session: InlineSession) -> None:
-        await session.execute(CREATE, {"sid": "CA2", "t": T0})
-        await session.execute(CREATE, {"sid": "CA1", "t": T0})
-        await session.execute(CREATE, {"sid": "CA1", "t": T0})  # call_sid is unique
-
-    with pytest.raises(IntegrityError):
-        await writer.transaction(twice)
-
-    async def count(session: InlineSession) -> int:
-        return len(list(await session.scalars(select(Call.call_sid))))
-
-    assert await writer.transaction(count) == 0  # CA2 went with the rest
-
-
-async def test_work_that_suspends_is_refused_and_leaves_nothing_behind(file_engine: AsyncEngine
-                                                                       ) -> None:
-    async def suspends(session: InlineSession) -> None:
-        await session.execute(CREATE, {"sid": "CA1", "t": T0})
-        await asyncio.sleep(0)  # not a statement: there is no event loop in the thread
-
-    with pytest.raises(RuntimeError, match="other than a statement"):
-        await writer_of(file_engine).transaction(suspends)
-    with pytest.raises(CallNotFound):
-        await CallRepository(file_engine).get_call("CA1")
+        with pytest.raises(RuntimeError, match="other than a statement"):
+            await writer.transaction(suspends)
+        with pytest.raises(CallNotFound):
+            await CallRepository(engine).get_call("CA1")
+    finally:
+        await engine.dispose()
 
 
 def test_drive_returns_what_a_coroutine_that_never_suspends_returns() -> None:
