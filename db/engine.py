@@ -2,8 +2,7 @@
 
 Users write `sqlite:///path/to/file.db` or `postgresql://user:pass@host/db` (`postgres://` too);
 the async driver is chosen here: aiosqlite for SQLite, asyncpg for PostgreSQL. Nothing in the
-audio path ever waits on a synchronous database call. (A SQLite file's write transactions
-go to a writer thread of their own, one hand-over each: `db.inline`.)
+audio path ever waits on a synchronous database call.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ def create_db_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, **kwargs)
-        event.listen(engine.sync_engine, "connect", sqlite_on_connect)
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         return engine
     connect_args = kwargs.pop("connect_args", {})
     connect_args.setdefault("timeout", PG_CONNECT_TIMEOUT_S)
@@ -103,7 +102,7 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-def sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     # WAL lets the viewer read while the recorder writes; busy_timeout makes a second writer
     # (the status webhook, another process) wait instead of failing with "database is locked".
     cursor = dbapi_connection.cursor()

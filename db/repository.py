@@ -17,7 +17,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import session_factory
-from db.inline import InlineWriter
 from db.models import (
     CALL_STATUSES,
     Call,
@@ -57,8 +56,6 @@ class CallRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._sessions = session_factory(engine)
-        # A SQLite file's writes: each transaction in one hop to a writer thread (db/inline.py).
-        self._inline = InlineWriter.for_engine(engine)
 
     async def ping(self) -> None:
         """Raise unless the database answers (for `/readyz`)."""
@@ -301,19 +298,14 @@ class CallRepository:
     ) -> T:
         """Run `write` in one transaction, `calls` (each with the time that starts its row if
         missing) created and locked first."""
-        async def transact(session: Any) -> T:
-            writes = CallWrites(session, self._engine.dialect.name)
-            await writes.lock_calls(calls, status)
-            result = await write(writes)
-            await writes.flush()
-            return result
-
         for attempt in range(_WRITE_TRIES):
             try:
-                if self._inline is not None:
-                    return await self._inline.transaction(transact)
                 async with self._sessions() as session, session.begin():
-                    return await transact(session)
+                    writes = CallWrites(session, self._engine.dialect.name)
+                    await writes.lock_calls(calls, status)
+                    result = await write(writes)
+                    await writes.flush()
+                return result
             except IntegrityError:
                 # Another writer took an utterance's seq between our read and insert: read again.
                 if attempt == _WRITE_TRIES - 1:

@@ -11,7 +11,6 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import create_db_engine
-from db.inline import InlineWriter
 from db.migrate import upgrade_to_head_async
 from db.repository import CallRepository
 from tests.conftest_db import (
@@ -96,11 +95,8 @@ class SqlCounter:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.commits = self.statements = 0
-        # A SQLite file's writes go through its inline writer's own engine (db/inline.py).
-        writer = InlineWriter.for_engine(engine)
-        for sync_engine in {engine.sync_engine, *([writer.engine] if writer else [])}:
-            event.listen(sync_engine, "commit", self._commit)
-            event.listen(sync_engine, "before_cursor_execute", self._statement)
+        event.listen(engine.sync_engine, "commit", self._commit)
+        event.listen(engine.sync_engine, "before_cursor_execute", self._statement)
 
     def _commit(self, *_: Any) -> None:
         self.commits += 1
