@@ -25,6 +25,7 @@ to bench/results/capacity_media.json.
     .venv/bin/python bench/capacity_media.py --steps 50 100 --duration 20
     .venv/bin/python bench/capacity_media.py --noise-dbfs -45      # hiss: the VAD scores all
     .venv/bin/python bench/capacity_media.py --speech-every-s 0    # silence: no turns at all
+    .venv/bin/python bench/capacity_media.py --reply "Sure."       # the bot says one word
 
 With `--shed-loop-busy SHARE` the workers shed new calls as `SHED_LOOP_BUSY` makes them (off by
 default here, so that a step measures what the server carries): refused calls count against
@@ -158,7 +159,7 @@ def run_step(n: int, args: argparse.Namespace) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_DIR": str(stats_dir),
            "BENCH_DATABASE_URL": database_url, "BENCH_VAD": args.vad,
            "BENCH_LATE_MS": str(args.late_ms), "BENCH_RECORD": "0" if args.no_db else "1",
-           "BENCH_REPLY": REPLY, "BENCH_TRANSCRIPT": TRANSCRIPT,
+           "BENCH_REPLY": args.reply, "BENCH_TRANSCRIPT": TRANSCRIPT,
            "BENCH_STALL_MS": str(args.stalls or 0),
            "BENCH_GC_THRESHOLD0": str(args.gc_threshold0 or ""),
            "BENCH_GC_THRESHOLD2": str(args.gc_threshold2 or ""),
@@ -390,6 +391,10 @@ def main() -> None:
                         help="an inbound frame processed later than this is late")
     parser.add_argument("--speech-every-s", type=float, default=8.0,
                         help="each call says a sentence this often (0: silence only)")
+    parser.add_argument("--reply", default=REPLY,
+                        help="what the bot says every turn (the tone double: 60 ms of audio "
+                             "a character, a sentence at a time); default: 3.3 s in two "
+                             "sentences")
     parser.add_argument("--noise-dbfs", type=float,
                         help="line hiss at this level on every call (-45: the VAD model "
                              "scores every window); default digital silence between sentences")
@@ -449,7 +454,7 @@ def main() -> None:
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.platform(),
               "cpu_model": cpu_model(), "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
               "vad": args.vad, "workers": args.workers, "store_calls": not args.no_db,
-              "generator": args.generator, "window_s": args.duration, "settle_s": args.settle_s,
+              "generator": args.generator, "reply": args.reply, "window_s": args.duration, "settle_s": args.settle_s,
               "late_ms": args.late_ms,
               "repeat": args.repeat, "largest_passing_n": best, "steps": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
