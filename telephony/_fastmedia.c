@@ -88,15 +88,19 @@ static int quoted_word(const char **p, const char *end, int (*allowed)(char), in
     return 1;
 }
 
-/* Strict base64 of whole quartets into `o` (room for n / 4 * 3 bytes) -> the decoded length,
- * or -1 when the text is not that. */
+/* How many '=' end whole quartets of base64 (n a multiple of 4): 0, 1 or 2. */
+static Py_ssize_t b64_pad(const char *s, Py_ssize_t n) {
+    if (n == 0 || s[n - 1] != '=')
+        return 0;
+    return s[n - 2] == '=' ? 2 : 1;
+}
+
+/* Strict base64 of whole quartets into `o` (room for n / 4 * 3 - b64_pad bytes) -> the
+ * decoded length, or -1 when the text is not that. */
 static Py_ssize_t b64_into(const char *s, Py_ssize_t n, unsigned char *o) {
     if (n % 4 != 0)
         return -1;
-    Py_ssize_t pad = 0;
-    if (n > 0 && s[n - 1] == '=') {
-        pad = (s[n - 2] == '=') ? 2 : 1;
-    }
+    Py_ssize_t pad = b64_pad(s, n);
     unsigned char *start = o;
     Py_ssize_t full = pad ? n - 4 : n;
     Py_ssize_t i;
@@ -130,10 +134,9 @@ static Py_ssize_t b64_into(const char *s, Py_ssize_t n, unsigned char *o) {
 static PyObject *decode_b64(const char *s, Py_ssize_t n) {
     if (n % 4 != 0)
         Py_RETURN_NONE;
-    /* Sized exactly (`b64_into` writes n / 4 * 3 bytes less one for each '='): the usual
-     * 160-byte frame ends in "==", and no resize follows. */
-    Py_ssize_t pad = n > 0 && s[n - 1] == '=' ? (s[n - 2] == '=' ? 2 : 1) : 0;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, n / 4 * 3 - pad);
+    /* Sized exactly, as `b64_into` writes it: the usual 160-byte frame ends in "==", and no
+     * resize follows. */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n / 4 * 3 - b64_pad(s, n));
     if (out == NULL)
         return NULL;
     if (b64_into(s, n, (unsigned char *)PyBytes_AS_STRING(out)) < 0) {
