@@ -1,8 +1,9 @@
 """Running the server: one or N uvicorn worker processes, and draining them on SIGTERM.
 
-`voicebot serve --workers N` starts N processes, each listening on its own socket bound to the
-same address with SO_REUSEPORT, so the kernel spreads new connections evenly over them
-(`bind_sockets`). Each worker builds its own app from the environment
+`voicebot serve --workers N` starts N processes. The supervisor listens, accepts each
+connection and hands it to the worker with the fewest connections open (`voicebot.balancer`),
+so calls spread evenly by load, not by the kernel's hash. Each worker builds its own app from
+the environment
 (`create_app_from_env`); what calls share lives in Redis when `REDIS_URL` is set (admission
 leases, the live viewer feed, caller memory). Metrics from all workers are merged through
 `PROMETHEUS_MULTIPROC_DIR` (see `voicebot.metrics`).
@@ -48,6 +49,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
 from voicebot.admission import free_worker_leases
+from voicebot.balancer import Balancer, Inbox
 from voicebot.ws_protocol import DirectTextProtocol
 
 log = logging.getLogger(__name__)
@@ -88,9 +90,12 @@ def find_admission(app: Any) -> Any:
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first exit signal drains calls before shutting down."""
 
-    def __init__(self, config: uvicorn.Config, grace_s: float = 30.0) -> None:
+    def __init__(self, config: uvicorn.Config, grace_s: float = 30.0,
+                 channel: socket.socket | None = None) -> None:
         super().__init__(config)
         self.grace_s = grace_s
+        self._channel = channel  # the supervisor hands connections over it (no listener)
+        self._inbox: Inbox | None = None
         self.drain_requested = False
         self._deadline: float | None = None
         self._admission: Any = None
@@ -104,8 +109,25 @@ class DrainingServer(uvicorn.Server):
             if self._ran is not None:
                 self._ran.set()  # `asyncio.run` has returned: the watchdog stands down
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._channel is None:
+            await super().startup(sockets)
+            return
+        await super().startup([])  # the app's lifespan, and no listener of its own
+        self._inbox = Inbox(self._channel, self._create_protocol,
+                            lambda: len(self.server_state.connections), ssl=self.config.ssl)
+        self._inbox.start()
+
+    def _create_protocol(self) -> asyncio.Protocol:
+        """A connection's protocol, as uvicorn's own listener makes it."""
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state,
+            _loop=None)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._ran = _exit_watchdog(asyncio.get_running_loop(), EXIT_LIMIT_S)
+        if self._inbox is not None:
+            self._inbox.close()  # as uvicorn closes its listener: the others take new ones
         await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -118,6 +140,8 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
+        if self._inbox is not None:
+            self._inbox.report()  # connections that closed since the last tick
         if self.drain_requested and not self.should_exit:
             self._drain_step()
         return await super().on_tick(counter)
@@ -201,14 +225,15 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _run_worker(config: uvicorn.Config, sockets: list[socket.socket], grace_s: float,
+def _run_worker(config: uvicorn.Config, channel: socket.socket, grace_s: float,
                 log_level: str, parent: int | None = None) -> None:
-    """A worker process: its own logging, then the draining server on its socket."""
+    """A worker process: its own logging, then the draining server on the connections the
+    supervisor hands it over `channel`."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     if parent is not None:
         _die_with_parent(parent)
     try:
-        DrainingServer(config, grace_s).run(sockets=sockets)
+        DrainingServer(config, grace_s, channel=channel).run()
     except SystemExit:
         raise
     except Exception:
@@ -216,59 +241,42 @@ def _run_worker(config: uvicorn.Config, sockets: list[socket.socket], grace_s: f
         sys.exit(1)
 
 
-def bind_sockets(config: uvicorn.Config, count: int) -> list[socket.socket]:
-    """The workers' listening sockets, one each.
+def listen_socket(config: uvicorn.Config) -> socket.socket:
+    """The supervisor's listening socket, which its `Balancer` accepts on for all workers.
 
-    On a TCP address with SO_REUSEPORT (Linux): `count` sockets bound to the same address,
-    and the kernel hands each new connection to one of them by a hash of the caller's address
-    and port, so every worker gets an even share of the calls. With one shared socket the
-    worker that woke first took the connection, and the busier of two workers ended up with
-    55 % of the calls (`bench/capacity_media.py --workers 2`: 223 of 400), the first to fall
-    behind. A worker that dies leaves its socket here, and the connections it is handed wait
-    in its backlog until its replacement starts. A Unix socket or an inherited descriptor is
-    shared, as uvicorn does it."""
-    if config.uds is not None or config.fd is not None or not hasattr(socket, "SO_REUSEPORT"):
-        return [config.bind_socket()] * count
-    host = config.host
-    family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
-    sockets: list[socket.socket] = []
-    port = config.port
-    try:
-        if port:
-            # Without SO_REUSEPORT first: a server already listening there (another voicebot
-            # included) makes this fail, instead of quietly sharing its calls.
-            _bound(family, host, port, reuse_port=False).close()
-        for _ in range(count):
-            sockets.append(_bound(family, host, port, reuse_port=True))
-            port = sockets[0].getsockname()[1]  # port 0: the others join the first one's
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", host, port, exc)
-        for sock in sockets:
-            sock.close()
-        sys.exit(STARTUP_FAILURE)
-    log.info("listening on %s:%d, one socket per worker (%d)", host, port, count)
-    return sockets
+    A TCP address is bound without SO_REUSEPORT, so a server already listening there
+    (another voicebot included) makes this fail at once instead of quietly sharing its
+    calls. A Unix socket or an inherited descriptor comes from uvicorn's `bind_socket`."""
+    if config.uds is not None or config.fd is not None:
+        sock = config.bind_socket()
+    else:
+        host = config.host
+        family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
+        try:
+            sock = _bound(family, host, config.port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", host, config.port, exc)
+            sys.exit(STARTUP_FAILURE)
+        log.info("listening on %s:%d", host, sock.getsockname()[1])
+    sock.listen(config.backlog)
+    return sock
 
 
-def _bound(family: socket.AddressFamily, host: str, port: int, *,
-           reuse_port: bool) -> socket.socket:
-    """A TCP socket bound to (host, port), inheritable by the workers; closed if it cannot
-    bind."""
+def _bound(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port); closed if it cannot bind."""
     sock = socket.socket(family=family)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
 
 
 class Supervisor:
-    """Keeps N worker processes running; on SIGTERM/SIGINT forwards it and waits for them."""
+    """Keeps N worker processes running and hands each of them its share of the connections
+    (`Balancer`); on SIGTERM/SIGINT forwards it and waits for them."""
 
     def __init__(self, config: uvicorn.Config, workers: int, grace_s: float, log_level: str,
                  redis_url: str | None = None, redis_namespace: str = "voicebot"):
@@ -281,14 +289,20 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self._stop_signals: list[int] = []
         self._processes: list[Any] = []
+        self.balancer: Balancer | None = None
 
-    def _spawn(self, sock: socket.socket) -> Any:
-        process = self._context.Process(
-            target=_run_worker,
-            args=(self.config, [sock], self.grace_s, self.log_level, os.getpid()),
-            name="voicebot-worker",
-        )
-        process.start()
+    def _spawn(self, slot: int) -> Any:
+        assert self.balancer is not None
+        channel = self.balancer.attach(slot)
+        try:
+            process = self._context.Process(
+                target=_run_worker,
+                args=(self.config, channel, self.grace_s, self.log_level, os.getpid()),
+                name="voicebot-worker",
+            )
+            process.start()
+        finally:
+            channel.close()  # the worker has its own copy
         log.info("started worker %d", process.pid)
         return process
 
@@ -296,16 +310,16 @@ class Supervisor:
         self._stop_signals.append(sig)
 
     def run(self) -> int:
-        sockets = bind_sockets(self.config, self.workers)
+        self.balancer = balancer = Balancer(listen_socket(self.config))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self._processes = [self._spawn(sock) for sock in sockets]
+        self._processes = [self._spawn(slot) for slot in range(self.workers)]
         forwarded = 0
         rc = 0
         restarts: list[float] = []
         reaped: set[int] = set()
         while True:
-            time.sleep(0.2)
+            balancer.poll(0.2)  # connections in, each to the least loaded worker
             if len(self._stop_signals) > forwarded:
                 sig = self._stop_signals[forwarded]
                 forwarded += 1
@@ -318,6 +332,7 @@ class Supervisor:
                 if process.exitcode is None or process.pid in reaped:
                     continue  # running, or already dealt with
                 reaped.add(process.pid)
+                balancer.detach(index)
                 _mark_dead(process.pid)
                 if self.redis_url and process.exitcode != 0:
                     # Its calls' lines, now rather than when their leases expire.
@@ -340,13 +355,12 @@ class Supervisor:
                     continue
                 log.warning("worker %d died (exit %s); starting another", process.pid,
                             process.exitcode)
-                self._processes[index] = self._spawn(sockets[index])
+                self._processes[index] = self._spawn(index)
             if stopping and not any(p.is_alive() for p in self._processes):
                 break
         for process in self._processes:
             process.join(timeout=1)
-        for sock in set(sockets):
-            sock.close()
+        balancer.close()
         log.info("all workers stopped")
         return rc
 

@@ -1,0 +1,312 @@
+"""`voicebot serve --workers N`: the supervisor accepts, the least loaded worker serves.
+
+The unit tests drive a `Balancer` against worker ends played by the test (reports written,
+descriptors read, by hand); the `Inbox` test runs a worker's side on a real event loop; the
+last test counts, from /proc, which worker process holds each connection of a real
+two-worker server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from tests.serverkit import ServerProcess, eventually
+from voicebot.balancer import HAND, REPORT, Balancer, Inbox
+from voicebot.workers import listen_socket
+
+
+def _config(port: int = 0) -> uvicorn.Config:
+    return uvicorn.Config("voicebot.workers:create_app_from_env", host="127.0.0.1", port=port)
+
+
+@pytest.fixture
+def balancer() -> Iterator[Balancer]:
+    balancer = Balancer(listen_socket(_config()))
+    try:
+        yield balancer
+    finally:
+        balancer.close()
+
+
+def _port(balancer: Balancer) -> int:
+    return int(balancer.listener.getsockname()[1])
+
+
+def _report(worker: socket.socket, received: int, open_now: int) -> None:
+    worker.send(REPORT.pack(received, open_now))
+
+
+def _take(worker: socket.socket) -> list[socket.socket]:
+    """The connections handed to this worker end so far."""
+    taken = []
+    worker.setblocking(False)
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(worker, 16, 4)
+        except BlockingIOError:
+            return taken
+        assert data == HAND and len(fds) == 1
+        taken.append(socket.socket(fileno=fds[0]))
+
+
+def _connect_and_hand(balancer: Balancer, count: int) -> list[socket.socket]:
+    """Connect `count` clients one by one, each handed over before the next connects."""
+    clients = []
+    for _ in range(count):
+        clients.append(socket.create_connection(("127.0.0.1", _port(balancer))))
+        before = sum(link.handed for link in balancer._links.values())
+        deadline = time.monotonic() + 5
+        while sum(link.handed for link in balancer._links.values()) == before:
+            assert time.monotonic() < deadline, "the connection was not handed over"
+            balancer.poll(0.05)
+    return clients
+
+
+def _close(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+def test_each_connection_goes_to_the_worker_with_the_fewest_open(balancer: Balancer) -> None:
+    """Worker 0 reports 4 connections open, worker 1 none: the next 4 go to worker 1, and
+    from there on the two take turns (the kernel's hash would have split them by chance)."""
+    first, second = balancer.attach(0), balancer.attach(1)
+    _report(first, 0, 4)
+    _report(second, 0, 0)
+    balancer.poll(0.1)
+    assert balancer.loads() == {0: 4, 1: 0}
+    clients = _connect_and_hand(balancer, 8)
+    to_first, to_second = _take(first), _take(second)
+    assert (len(to_first), len(to_second)) == (2, 6)
+    assert balancer.loads() == {0: 6, 1: 6}
+    # What a worker was handed is a working connection: the client's bytes arrive on it.
+    clients[-1].sendall(b"ping")
+    received = [conn for conn in to_first + to_second if _reads(conn) == b"ping"]
+    assert len(received) == 1
+    _close(clients + to_first + to_second + [first, second])
+
+
+def _reads(conn: socket.socket) -> bytes:
+    conn.settimeout(0.2)
+    try:
+        return conn.recv(16)
+    except TimeoutError:
+        return b""
+
+
+def test_closed_connections_count_from_the_workers_next_report(balancer: Balancer) -> None:
+    """Worker 0's calls ended (its report says so): new calls go to it until it is level."""
+    first, second = balancer.attach(0), balancer.attach(1)
+    _report(first, 0, 0)
+    _report(second, 0, 0)
+    balancer.poll(0.1)
+    clients = _connect_and_hand(balancer, 6)
+    to_first, to_second = _take(first), _take(second)
+    assert (len(to_first), len(to_second)) == (3, 3)
+    _report(first, 3, 0)  # all three of its connections closed
+    _report(second, 3, 3)
+    clients += _connect_and_hand(balancer, 3)
+    assert (len(_take(first)), len(_take(second))) == (3, 0)
+    _close(clients + to_first + to_second + [first, second])
+
+
+def test_nothing_is_accepted_until_a_worker_is_ready(balancer: Balancer) -> None:
+    """A caller who connects while the workers start waits in the kernel's backlog and is
+    handed over once the first worker reports."""
+    worker = balancer.attach(0)
+    client = socket.create_connection(("127.0.0.1", _port(balancer)))
+    balancer.poll(0.2)
+    assert _take(worker) == [] and balancer.loads() == {}
+    _report(worker, 0, 0)
+    for _ in range(3):
+        balancer.poll(0.1)
+    [conn] = _take(worker)
+    client.sendall(b"hello")
+    assert _reads(conn) == b"hello"
+    _close([client, conn, worker])
+
+
+def test_a_worker_that_closes_its_end_is_handed_nothing_more(balancer: Balancer) -> None:
+    """A worker shutting down (or dead) closes its socket pair; the others take its share."""
+    first, second = balancer.attach(0), balancer.attach(1)
+    _report(first, 0, 0)
+    _report(second, 0, 0)
+    balancer.poll(0.1)
+    first.close()
+    balancer.poll(0.1)
+    assert balancer.loads() == {1: 0}
+    clients = _connect_and_hand(balancer, 4)
+    taken = _take(second)
+    assert len(taken) == 4
+    _close(clients + taken + [second])
+
+
+def test_a_worker_whose_queue_is_full_is_passed_over(balancer: Balancer) -> None:
+    """A worker that stops reading (stuck) does not hold up callers: once its socket pair's
+    queue is full, connections go to the next one."""
+    first, second = balancer.attach(0), balancer.attach(1)
+    _report(first, 0, 0)
+    _report(second, 0, 1_000_000)  # worker 1 looks far busier: all go to 0 while it can
+    balancer.poll(0.1)
+    # A small send buffer on worker 0's pair, so that its queue fills after a few.
+    balancer._links[0].sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    clients = []
+    deadline = time.monotonic() + 20
+    while not _take_some(second, clients):
+        assert time.monotonic() < deadline, "worker 1 was never handed a connection"
+        clients += _connect_and_hand(balancer, 1)
+    assert len(clients) > 2  # worker 0's queue held some before it was full
+    _close(clients + _take(first) + [first, second])
+
+
+def _take_some(worker: socket.socket, into: list[socket.socket]) -> bool:
+    taken = _take(worker)
+    into += taken
+    return bool(taken)
+
+
+def test_a_port_another_server_listens_on_is_refused_not_shared() -> None:
+    """The supervisor's socket is bound without SO_REUSEPORT: a second server on the same
+    port fails at start-up instead of quietly taking half of the first one's calls."""
+    first = listen_socket(_config())
+    try:
+        with pytest.raises(SystemExit):
+            listen_socket(_config(first.getsockname()[1]))
+    finally:
+        first.close()
+
+
+class _Echo(asyncio.Protocol):
+    open = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        _Echo.open += 1
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _Echo.open -= 1
+
+
+async def test_the_inbox_serves_handed_connections_on_its_loop_and_reports_them() -> None:
+    """A worker's side: each handed connection is served by the protocol, on the worker's
+    event loop, and the supervisor (polling in a thread, as in its own process) learns how
+    many are open, and when they close."""
+    balancer = Balancer(listen_socket(_config()))
+    inbox = Inbox(balancer.attach(0), _Echo, lambda: _Echo.open)
+    stop = threading.Event()
+
+    def supervise() -> None:
+        while not stop.is_set():
+            balancer.poll(0.02)
+
+    supervisor = threading.Thread(target=supervise)
+    supervisor.start()
+    try:
+        inbox.start()
+        await eventually(lambda: balancer.loads() == {0: 0}, 5)
+        clients = [await asyncio.wait_for(asyncio.open_connection("127.0.0.1",
+                                                                  _port(balancer)), 5)
+                   for _ in range(3)]
+        for index, (reader, writer) in enumerate(clients):
+            writer.write(b"call %d" % index)
+            assert await asyncio.wait_for(reader.read(16), 5) == b"call %d" % index
+        assert inbox.received == 3 and _Echo.open == 3
+        await eventually(lambda: balancer.loads() == {0: 3}, 5)
+        for _, writer in clients[:2]:
+            writer.close()
+        await eventually(lambda: _Echo.open == 1, 5)
+        inbox.report()  # what the server's tick does
+        await eventually(lambda: balancer.loads() == {0: 1}, 5)
+        inbox.close()  # a worker that has closed its inbox gets nothing more
+        await eventually(lambda: balancer.loads() == {}, 5)
+        clients[2][1].close()
+    finally:
+        inbox.close()
+        stop.set()
+        await asyncio.to_thread(supervisor.join)
+        balancer.close()
+
+
+# A real two-worker server.
+
+def _connections_by_pid(port: int) -> dict[int, int]:
+    """Established TCP connections on the server's side of `port`, by the process that holds
+    them (from /proc: the sockets' inodes in /proc/net/tcp, the processes' descriptors)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == port and fields[3] == "01":  # ESTABLISHED
+            inodes.add(fields[9])
+    counts: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        held = sum(1 for link in links if (m := re.fullmatch(r"socket:\[(\d+)\]", link))
+                   and m.group(1) in inodes)
+        if held:
+            counts[int(pid)] = held
+    return counts
+
+
+@pytest.mark.slow
+async def test_two_workers_hold_equal_shares_and_refill_the_emptier(tmp_path: Path) -> None:
+    """20 connections split 10/10 (the kernel's hash: 18 % of the time). Then 8 of one
+    worker's close, and the next 8 all go to it (the kernel's hash: 1 time in 256)."""
+    server = ServerProcess(tmp_path, {"DATABASE_URL": f"sqlite:///{tmp_path}/calls.db",
+                                      "DB_SPOOL_DIR": str(tmp_path / "spool"),
+                                      "LOG_LEVEL": "INFO"}, workers=2)
+    await server.start()
+    try:
+        await eventually(lambda: all(f"worker slot {slot} is taking connections"
+                                     in server.log() for slot in (0, 1)), 60)
+        clients = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(20)]
+
+        def split() -> dict[int, int]:
+            return _connections_by_pid(server.port)
+
+        await eventually(lambda: sum(split().values()) == 20, 10)
+        assert sorted(split().values()) == [10, 10], split()
+        # Close 8 of the first worker's: the clients whose server side that process holds.
+        first_pid = min(split())
+        ours = {w.get_extra_info("sockname")[1]: w for _, w in clients}
+        closing = _client_ports_of(first_pid, server.port)[:8]
+        for port in closing:
+            ours[port].close()
+        await eventually(lambda: sorted(split().values()) == [2, 10], 10)
+        await asyncio.sleep(0.3)  # the worker's next tick reports them closed
+        clients += [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(8)]
+        await eventually(lambda: sum(split().values()) == 20, 10)
+        assert sorted(split().values()) == [10, 10], split()
+        for _, writer in clients:
+            writer.close()
+    finally:
+        server.kill()
+
+
+def _client_ports_of(pid: int, port: int) -> list[int]:
+    """The clients' ports of the connections to `port` that process `pid` holds."""
+    mine = {m.group(1) for fd in os.listdir(f"/proc/{pid}/fd")
+            if (m := re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}")))}
+    ports = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (int(fields[1].split(":")[1], 16) == port and fields[3] == "01"
+                and fields[9] in mine):
+            ports.append(int(fields[2].split(":")[1], 16))
+    return ports
