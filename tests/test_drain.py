@@ -7,12 +7,14 @@ runs) with the real models, the LLM behind the scripted OpenAI-compatible fake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -61,6 +63,17 @@ async def refused(url: str) -> bool:
         return exc.response.status_code == 403
 
 
+async def start_call(ws: Any, call_sid: str) -> None:
+    """Twilio's `connected` and `start` messages for a media stream of call `call_sid`."""
+    await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+    await ws.send(json.dumps({
+        "event": "start", "streamSid": "MZ1", "sequenceNumber": "1",
+        "start": {"streamSid": "MZ1", "callSid": call_sid, "tracks": ["inbound"],
+                  "customParameters": {}, "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                          "sampleRate": 8000, "channels": 1}},
+    }))
+
+
 @pytest.mark.parametrize("server", [{"env": {"DRAIN_GRACE_S": "30"}}], indirect=True)
 async def test_sigterm_lets_the_call_in_progress_finish_then_exits(
     server: ServerProcess, fake_openai: FakeOpenAi, fixtures_dir: Path
@@ -97,13 +110,7 @@ async def test_sigterm_lets_the_call_in_progress_finish_then_exits(
 async def test_a_call_longer_than_the_grace_period_is_ended(server: ServerProcess) -> None:
     call_sid = "CA" + uuid.uuid4().hex
     async with websockets.connect(server.media_url) as ws:
-        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-        await ws.send(json.dumps({
-            "event": "start", "streamSid": "MZ1", "sequenceNumber": "1",
-            "start": {"streamSid": "MZ1", "callSid": call_sid, "tracks": ["inbound"],
-                      "customParameters": {}, "mediaFormat": {"encoding": "audio/x-mulaw",
-                                                              "sampleRate": 8000, "channels": 1}},
-        }))
+        await start_call(ws, call_sid)
         await asyncio.wait_for(ws.recv(), 10)  # the greeting: the call is up
         server.signal(signal.SIGTERM)
         started = asyncio.get_running_loop().time()
@@ -180,15 +187,7 @@ async def test_a_dead_workers_lines_come_free_at_once(server: ServerProcess) -> 
     key = f"{DEAD_NAMESPACE}:active"
     try:
         async with websockets.connect(server.media_url) as ws:
-            await ws.send(json.dumps({"event": "connected", "protocol": "Call",
-                                      "version": "1.0.0"}))
-            await ws.send(json.dumps({
-                "event": "start", "streamSid": "MZ1", "sequenceNumber": "1",
-                "start": {"streamSid": "MZ1", "callSid": "CA" + uuid.uuid4().hex,
-                          "tracks": ["inbound"], "customParameters": {},
-                          "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
-                                          "channels": 1}},
-            }))
+            await start_call(ws, "CA" + uuid.uuid4().hex)
             await asyncio.wait_for(ws.recv(), 10)  # the greeting: the call holds the line
             assert await refused(server.media_url)
             [token] = await redis.zrange(key, 0, -1)
@@ -215,3 +214,39 @@ async def server_admits(url: str) -> bool:
             return True
     except (InvalidStatus, OSError):
         return False
+
+
+@pytest.mark.parametrize("server", [{"workers": 2, "env": {"DRAIN_GRACE_S": "30",
+                                                          "SHED_LOOP_BUSY": "0"}}],
+                         indirect=True)
+async def test_a_draining_worker_is_passed_over_while_the_other_admits(
+        server: ServerProcess) -> None:
+    """One worker drains with a call on it (SIGTERM to that worker alone). It reports that
+    it refuses new calls, so the supervisor hands the next stream to the other worker even
+    where least connections alone would have picked the draining one (a tie, which goes to
+    the first worker): the caller gets a line, not a refusal. (Shedding at the event loop is
+    off here: a worker just started, its loop busy loading models, would refuse for a moment
+    too, and get no connection while the other takes them.)"""
+    from tests.test_balancer import _connections_by_pid
+
+    await eventually(lambda: all(f"worker slot {slot} is taking connections" in server.log()
+                                 for slot in (0, 1)), 60)
+    async with websockets.connect(server.media_url) as ws:
+        await start_call(ws, "CA" + uuid.uuid4().hex)
+        await asyncio.wait_for(ws.recv(), 10)  # the greeting: the call is up
+        [calling_pid] = _connections_by_pid(server.port)
+        await asyncio.sleep(0.3)  # the workers' ticks report the start-up checks' closes
+        # Three idle connections even the two workers out: 2 and 2.
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+        with contextlib.suppress(TimeoutError):
+            await eventually(lambda: sorted(_connections_by_pid(server.port).values())
+                             == [2, 2], 10)
+        assert sorted(_connections_by_pid(server.port).values()) == [2, 2], (
+            _connections_by_pid(server.port), server.log())
+        os.kill(calling_pid, signal.SIGTERM)
+        await eventually(lambda: f"{calling_pid} __mp_main__: draining" in server.log(), 10)
+        await asyncio.sleep(0.5)  # its next tick reports it
+        assert await server_admits(server.media_url)
+        assert ws.state.name == "OPEN"  # the draining worker's call goes on
+        for _, writer in idle:
+            writer.close()

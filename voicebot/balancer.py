@@ -11,9 +11,12 @@ nginx's `least_conn` does across servers. The worker (`Inbox`) wraps it in its e
 with `loop.connect_accepted_socket`, exactly as if it had accepted it itself.
 
 Each worker reports back on the same socket pair whenever it changes: how many connections
-it has been handed so far and how many it has open. The supervisor adds what it has handed
-since that report, so a burst of calls is spread by the count of the moment, not by a report
-100 ms old. A worker is handed nothing before its first report (its app has started), nor
+it has been handed so far, how many it has open, and whether it is refusing new calls (its
+event loop or work queues are full, or it is draining). The supervisor adds what it has
+handed since that report, so a burst of calls is spread by the count of the moment, not by
+a report 100 ms old; and a worker that refuses gets a connection only when every worker
+does (the caller then hears that the lines are busy), instead of turning away a call another
+worker would have taken. A worker is handed nothing before its first report (its app has started), nor
 once its socket pair has closed (it is shutting down, or dead). While no worker can take a
 connection the supervisor stops accepting, and callers wait in the kernel's backlog, as they
 would for a single server that is busy starting.
@@ -27,13 +30,15 @@ import logging
 import selectors
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Worker -> supervisor: connections received so far, connections open (or being set up) now.
-REPORT = struct.Struct("=QI")
+# Worker -> supervisor: connections received so far, connections open (or being set up) now,
+# flags (REFUSING).
+REPORT = struct.Struct("=QII")
+REFUSING = 1  # the worker would refuse a new call now (overloaded or draining)
 # Supervisor -> worker: one byte of payload carrying one descriptor.
 HAND = b"C"
 # Connections accepted per wake-up before the supervisor reads reports again.
@@ -53,6 +58,7 @@ class WorkerLink:
         self.handed = 0  # connections sent to it
         self.received = 0  # ... of which it had received at its last report
         self.open = 0  # connections it had open at its last report
+        self.refusing = False  # ... and whether it was refusing new calls
 
     @property
     def load(self) -> int:
@@ -92,6 +98,10 @@ class Balancer:
     def loads(self) -> dict[int, int]:
         """Each ready worker's load, by slot."""
         return {slot: link.load for slot, link in self._links.items() if link.ready}
+
+    def refusing(self) -> set[int]:
+        """The ready workers that last reported refusing new calls, by slot."""
+        return {slot for slot, link in self._links.items() if link.ready and link.refusing}
 
     def poll(self, timeout: float) -> None:
         """Wait up to `timeout` seconds, then accept and hand over what has come, and read
@@ -138,9 +148,10 @@ class Balancer:
                 return
 
     def _hand(self, conn: socket.socket) -> bool:
-        """Send `conn` to the least loaded ready worker; False when none could take it."""
+        """Send `conn` to the least loaded ready worker that is not refusing calls (or, when
+        all are, to the least loaded); False when none could take it."""
         ready = sorted((link for link in self._links.values() if link.ready),
-                       key=lambda link: (link.load, link.handed))
+                       key=lambda link: (link.refusing, link.load, link.handed))
         for link in ready:
             try:
                 socket.send_fds(link.sock, [HAND], [conn.fileno()], socket.MSG_DONTWAIT)
@@ -172,7 +183,8 @@ class Balancer:
                     self.detach(link.slot)
                 return
             if len(data) == REPORT.size:
-                link.received, link.open = REPORT.unpack(data)
+                link.received, link.open, flags = REPORT.unpack(data)
+                link.refusing = bool(flags & REFUSING)
                 if not link.ready:
                     link.ready = True
                     log.info("worker slot %d is taking connections", link.slot)
@@ -181,19 +193,25 @@ class Balancer:
 class Inbox:
     """A worker's side: takes the connections the supervisor hands over and reports its load.
 
-    `open_count` is how many connections the server has open (uvicorn's
-    `server_state.connections`); `protocol_factory` makes the protocol for a new one, as the
-    server's own listener would."""
+    `connections` gives the connections the server has open (uvicorn's
+    `server_state.connections`: each one's protocol); `protocol_factory` makes the protocol for a new one, as the
+    server's own listener would; `refusing` says whether the worker would refuse a new call
+    now (the app's admission control)."""
 
     def __init__(self, channel: socket.socket, protocol_factory: Callable[[], asyncio.Protocol],
-                 open_count: Callable[[], int], ssl: Any = None) -> None:
+                 connections: Callable[[], Collection[object]], ssl: Any = None,
+                 refusing: Callable[[], bool] | None = None) -> None:
         self._channel = channel
         self._protocol_factory = protocol_factory
-        self._open_count = open_count
+        self._connections = connections
         self._ssl = ssl
+        self._refusing = refusing
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._starting: set[asyncio.Task[None]] = set()
-        self._reported: tuple[int, int] | None = None
+        # Connections being set up: each task's protocol once it is made. A connection is
+        # in the server's set from its `connection_made` on, a loop round or two before its
+        # task ends, and counted once, not in neither or both.
+        self._starting: dict[asyncio.Task[None], list[asyncio.Protocol]] = {}
+        self._reported: tuple[int, int, int] | None = None
         self.received = 0
 
     def start(self) -> None:
@@ -213,7 +231,8 @@ class Inbox:
         called after each hand-over and on the server's tick)."""
         if self.closed:
             return
-        state = (self.received, self._open_count() + len(self._starting))
+        flags = REFUSING if self._refusing is not None and self._refusing() else 0
+        state = (self.received, self.open_count(), flags)
         if state == self._reported:
             return
         try:
@@ -224,6 +243,13 @@ class Inbox:
             self.close()
             return
         self._reported = state
+
+    def open_count(self) -> int:
+        """Connections open, or received and on their way to being served."""
+        connections = self._connections()
+        starting = sum(1 for made in self._starting.values()
+                       if not made or made[0] not in connections)
+        return len(connections) + starting
 
     def close(self) -> None:
         """Take no more connections (the supervisor sees the socket pair close and hands
@@ -263,14 +289,23 @@ class Inbox:
     def _serve(self, sock: socket.socket) -> None:
         assert self._loop is not None
         sock.setblocking(False)
-        task = self._loop.create_task(self._connect(sock))
-        self._starting.add(task)
-        task.add_done_callback(self._starting.discard)
+        made: list[asyncio.Protocol] = []
+        task = self._loop.create_task(self._connect(sock, made))
+        self._starting[task] = made
+        task.add_done_callback(self._forget)
 
-    async def _connect(self, sock: socket.socket) -> None:
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._starting.pop(task, None)
+
+    async def _connect(self, sock: socket.socket, made: list[asyncio.Protocol]) -> None:
         assert self._loop is not None
+
+        def protocol() -> asyncio.Protocol:
+            made.append(self._protocol_factory())
+            return made[0]
+
         try:
-            await self._loop.connect_accepted_socket(self._protocol_factory, sock, ssl=self._ssl)
+            await self._loop.connect_accepted_socket(protocol, sock, ssl=self._ssl)
         except asyncio.CancelledError:
             sock.close()
             raise
