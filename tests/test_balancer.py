@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from tests.serverkit import ServerProcess, eventually
+from voicebot import balancer as balancer_module
 from voicebot.balancer import HAND, REFUSING, REPORT, Balancer, Inbox
 from voicebot.workers import listen_socket
 
@@ -201,6 +202,31 @@ def _take_some(worker: socket.socket, into: list[socket.socket]) -> bool:
     taken = _take(worker)
     into += taken
     return bool(taken)
+
+
+def test_a_worker_that_stops_taking_connections_is_passed_over(
+        balancer: Balancer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker whose event loop is blocked leaves what it was handed in its queue: after
+    `STALLED_S` it is passed over, though it has fewer connections; once it takes them (and
+    reports), it is back."""
+    monkeypatch.setattr(balancer_module, "STALLED_S", 0.2)
+    first, second = balancer.attach(0), balancer.attach(1)
+    _report(first, 0, 0)
+    _report(second, 0, 5)
+    balancer.poll(0.1)
+    clients = _connect_and_hand(balancer, 1)  # to worker 0, which does not take it
+    time.sleep(0.3)
+    clients += _connect_and_hand(balancer, 2)
+    assert "worker slot 0 has not taken a connection" in caplog.text
+    to_first, to_second = _take(first), _take(second)
+    assert (len(to_first), len(to_second)) == (1, 2)  # the one it had waited in its queue
+    _report(first, 1, 1)  # it took it: no longer stalled
+    balancer.poll(0.1)
+    clients += _connect_and_hand(balancer, 1)
+    taken = _take(first)
+    assert len(taken) == 1 and _take(second) == []
+    _close([*clients, *to_first, *to_second, *taken, first, second])
 
 
 def test_a_port_another_server_listens_on_is_refused_not_shared() -> None:

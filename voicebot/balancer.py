@@ -16,7 +16,8 @@ event loop or work queues are full, or it is draining). The supervisor adds what
 handed since that report, so a burst of calls is spread by the count of the moment, not by
 a report 100 ms old; and a worker that refuses gets a connection only when every worker
 does (the caller then hears that the lines are busy), instead of turning away a call another
-worker would have taken. A worker is handed nothing before its first report (its app has started), nor
+worker would have taken. A worker that has not taken a connection handed to it for a
+second (its event loop is blocked) is passed over until it does. A worker is handed nothing before its first report (its app has started), nor
 once its socket pair has closed (it is shutting down, or dead). While no worker can take a
 connection the supervisor stops accepting, and callers wait in the kernel's backlog, as they
 would for a single server that is busy starting.
@@ -30,6 +31,7 @@ import logging
 import selectors
 import socket
 import struct
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -43,6 +45,9 @@ REFUSING = 1  # the worker would refuse a new call now (overloaded or draining)
 HAND = b"C"
 # Connections accepted per wake-up before the supervisor reads reports again.
 ACCEPT_BATCH = 64
+# A worker that has not taken a connection handed to it for this long is stalled (its event
+# loop is blocked): it is passed over while another worker takes connections.
+STALLED_S = 1.0
 # Errors sending to a worker that mean its end is gone (others, such as too many descriptors
 # in flight, pass over it for this connection only).
 GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
@@ -59,6 +64,12 @@ class WorkerLink:
         self.received = 0  # ... of which it had received at its last report
         self.open = 0  # connections it had open at its last report
         self.refusing = False  # ... and whether it was refusing new calls
+        # Since when a connection handed to it has waited to be taken (None: none waits).
+        self.waiting_since: float | None = None
+        self.stall_logged = False
+
+    def stalled(self, now: float) -> bool:
+        return self.waiting_since is not None and now - self.waiting_since > STALLED_S
 
     @property
     def load(self) -> int:
@@ -148,10 +159,19 @@ class Balancer:
                 return
 
     def _hand(self, conn: socket.socket) -> bool:
-        """Send `conn` to the least loaded ready worker that is not refusing calls (or, when
-        all are, to the least loaded); False when none could take it."""
+        """Send `conn` to the least loaded ready worker that is neither stalled nor refusing
+        calls (or, when none is, to the least loaded of the rest); False when none could take
+        it."""
+        now = time.monotonic()
         ready = sorted((link for link in self._links.values() if link.ready),
-                       key=lambda link: (link.refusing, link.load, link.handed))
+                       key=lambda link: (link.stalled(now), link.refusing, link.load,
+                                         link.handed))
+        for link in ready:
+            if link.stalled(now) and not link.stall_logged:
+                link.stall_logged = True
+                log.warning("worker slot %d has not taken a connection for %.1f s (its event "
+                            "loop is blocked): passed over while another can take them",
+                            link.slot, now - (link.waiting_since or now))
         for link in ready:
             try:
                 socket.send_fds(link.sock, [HAND], [conn.fileno()], socket.MSG_DONTWAIT)
@@ -165,6 +185,8 @@ class Balancer:
                     log.warning("handing a connection to worker slot %d failed: %s",
                                 link.slot, exc)
                 continue
+            if link.waiting_since is None:
+                link.waiting_since = now
             link.handed += 1
             conn.close()  # the worker has its own descriptor now
             return True
@@ -185,6 +207,9 @@ class Balancer:
             if len(data) == REPORT.size:
                 link.received, link.open, flags = REPORT.unpack(data)
                 link.refusing = bool(flags & REFUSING)
+                # It has just read its queue: what waits now was handed after that.
+                link.waiting_since = time.monotonic() if link.received < link.handed else None
+                link.stall_logged = False
                 if not link.ready:
                     link.ready = True
                     log.info("worker slot %d is taking connections", link.slot)
@@ -194,8 +219,8 @@ class Inbox:
     """A worker's side: takes the connections the supervisor hands over and reports its load.
 
     `connections` gives the connections the server has open (uvicorn's
-    `server_state.connections`: each one's protocol); `protocol_factory` makes the protocol for a new one, as the
-    server's own listener would; `refusing` says whether the worker would refuse a new call
+    `server_state.connections`: each one's protocol); `protocol_factory` makes the protocol
+    for a new one, as the server's own listener would; `refusing` says whether the worker would refuse a new call
     now (the app's admission control)."""
 
     def __init__(self, channel: socket.socket, protocol_factory: Callable[[], asyncio.Protocol],
