@@ -17,8 +17,10 @@ handed since that report, so a burst of calls is spread by the count of the mome
 a report 100 ms old; and a worker that refuses gets a connection only when every worker
 does (the caller then hears that the lines are busy), instead of turning away a call another
 worker would have taken. A worker that has not taken a connection handed to it for a
-second (its event loop is blocked) is passed over until it does. A worker is handed nothing before its first report (its app has started), nor
-once its socket pair has closed (it is shutting down, or dead). While no worker can take a
+second (its event loop is blocked) is passed over until it does.
+
+A worker is handed nothing before its first report (its app has started), nor once its
+socket pair has closed (it is shutting down, or dead). While no worker can take a
 connection the supervisor stops accepting, and callers wait in the kernel's backlog, as they
 would for a single server that is busy starting.
 """
@@ -220,8 +222,8 @@ class Inbox:
 
     `connections` gives the connections the server has open (uvicorn's
     `server_state.connections`: each one's protocol); `protocol_factory` makes the protocol
-    for a new one, as the server's own listener would; `refusing` says whether the worker would refuse a new call
-    now (the app's admission control)."""
+    for a new one, as the server's own listener would; `refusing` says whether the worker
+    would refuse a new call now (the app's admission control)."""
 
     def __init__(self, channel: socket.socket, protocol_factory: Callable[[], asyncio.Protocol],
                  connections: Callable[[], Collection[object]], ssl: Any = None,
@@ -234,7 +236,7 @@ class Inbox:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Connections being set up: each task's protocol once it is made. A connection is
         # in the server's set from its `connection_made` on, a loop round or two before its
-        # task ends, and counted once, not in neither or both.
+        # task ends; `open_count` counts it once all along, neither missed nor twice.
         self._starting: dict[asyncio.Task[None], list[asyncio.Protocol]] = {}
         self._reported: tuple[int, int, int] | None = None
         self.received = 0
