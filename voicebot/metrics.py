@@ -20,8 +20,8 @@
   `voicebot_inbound_frame_lag_seconds`
   when the media stream reports it (`observe_frame_lag`).
 
-Several workers (`voicebot serve --workers N`) share one listening socket, so a scrape lands on
-any of them. `voicebot.workers` then sets `PROMETHEUS_MULTIPROC_DIR` before the workers start
+Several workers (`voicebot serve --workers N`) take connections from one listening socket (the
+supervisor hands each to the least loaded), so a scrape lands on any of them. `voicebot.workers` then sets `PROMETHEUS_MULTIPROC_DIR` before the workers start
 and every worker writes its values there; `/metrics` on any worker serves the sum (gauges: the
 sum over live workers, or the max for cluster-wide values) through prometheus_client's
 multiprocess collector.
