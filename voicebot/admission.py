@@ -382,7 +382,10 @@ class Admission:
         except LeaseStoreUnavailable:
             return None
 
-    def _check(self) -> RefusalReason | None:
+    def local_refusal(self) -> RefusalReason | None:
+        """Why this worker would refuse a new call now on its own account (draining, or
+        `should_shed`), before the line count is looked at; None when it would not. Also what
+        the supervisor's balancing asks (`voicebot.balancer`)."""
         if self.draining:
             return "draining"
         if self.should_shed():
@@ -394,7 +397,7 @@ class Admission:
         """For the voice webhook: None when a new call would be admitted now, else why not.
 
         Only a look: the line is taken when the media stream connects (`admit`)."""
-        reason = self._check()
+        reason = self.local_refusal()
         if reason is None:
             active = await self._count_for_check()
             reason = "full" if active >= self.limit else None
@@ -404,7 +407,7 @@ class Admission:
 
     async def admit(self, where: str = "media") -> Lease:
         """Take a line for a new call or raise `Refused`."""
-        reason = self._check()
+        reason = self.local_refusal()
         if reason is not None:
             self.note_refusal(where, reason)
             raise Refused(reason)

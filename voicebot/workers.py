@@ -114,10 +114,11 @@ class DrainingServer(uvicorn.Server):
             await super().startup(sockets)
             return
         await super().startup([])  # the app's lifespan, and no listener of its own
-        admission = find_admission(self.config.loaded_app)
-        self._inbox = Inbox(self._channel, self._create_protocol,
-                            lambda: self.server_state.connections, ssl=self.config.ssl,
-                            refusing=None if admission is None else lambda: _refusing(admission))
+        self._admission = admission = find_admission(self.config.loaded_app)
+        self._inbox = Inbox(
+            self._channel, self._create_protocol, lambda: self.server_state.connections,
+            ssl=self.config.ssl,
+            refusing=None if admission is None else lambda: admission.local_refusal() is not None)
         self._inbox.start()
 
     def _create_protocol(self) -> asyncio.Protocol:
@@ -152,7 +153,8 @@ class DrainingServer(uvicorn.Server):
         now = time.monotonic()
         if self._deadline is None:
             self._deadline = now + self.grace_s
-            self._admission = find_admission(self.config.loaded_app)
+            if self._admission is None:  # with a channel, `startup` has found it already
+                self._admission = find_admission(self.config.loaded_app)
             if self._admission is not None:
                 self._admission.begin_drain()
             log.info("draining: up to %.0f s for calls in progress to end", self.grace_s)
@@ -167,12 +169,6 @@ class DrainingServer(uvicorn.Server):
             self._next_report = now + 5.0
             log.info("draining: %d call(s) in progress, %.0f s left", active,
                      self._deadline - now)
-
-
-def _refusing(admission: Any) -> bool:
-    """Whether this worker's admission control would turn a new call away now (for the
-    supervisor's balancing: such a worker gets a connection only when every worker would)."""
-    return bool(admission.draining or admission.should_shed())
 
 
 def _exit_watchdog(loop: asyncio.AbstractEventLoop, limit_s: float) -> threading.Event:
