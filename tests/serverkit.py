@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -107,3 +108,47 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")[-6000:]
         except OSError:
             return ""
+
+
+# Which process holds which connection of a real server: for the workers' balancing tests.
+
+def _established(port: int) -> dict[str, int]:
+    """The server's side of the established TCP connections to `port`: each socket's inode
+    and the client's port (from /proc/net/tcp)."""
+    held = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+            held[fields[9]] = int(fields[2].split(":")[1], 16)
+    return held
+
+
+def _socket_inodes(pid: int | str) -> set[str]:
+    """The inodes of the sockets process `pid` has open (from its /proc descriptors)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if m := re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}")):
+                inodes.add(m.group(1))
+    return inodes
+
+
+def connections_by_pid(port: int) -> dict[int, int]:
+    """Established TCP connections on the server's side of `port`, by the process that
+    holds them."""
+    inodes = _established(port).keys()
+    counts = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            held = len(_socket_inodes(pid) & inodes)
+        except OSError:
+            continue  # the process is gone, or not ours to read
+        if held:
+            counts[int(pid)] = held
+    return counts
+
+
+def client_ports_held_by(pid: int, port: int) -> list[int]:
+    """The clients' ports of the connections to `port` that process `pid` holds."""
+    mine = _socket_inodes(pid)
+    return [client for inode, client in _established(port).items() if inode in mine]

@@ -9,8 +9,6 @@ two-worker server.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import socket
 import threading
 import time
@@ -20,7 +18,12 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from tests.serverkit import ServerProcess, eventually
+from tests.serverkit import (
+    ServerProcess,
+    client_ports_held_by,
+    connections_by_pid,
+    eventually,
+)
 from voicebot import balancer as balancer_module
 from voicebot.balancer import HAND, REFUSING, REPORT, Balancer, Inbox
 from voicebot.workers import listen_socket
@@ -337,28 +340,6 @@ async def test_a_connection_on_its_way_is_counted_once_at_every_step() -> None:
 
 # A real two-worker server.
 
-def _connections_by_pid(port: int) -> dict[int, int]:
-    """Established TCP connections on the server's side of `port`, by the process that holds
-    them (from /proc: the sockets' inodes in /proc/net/tcp, the processes' descriptors)."""
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local_port = int(fields[1].split(":")[1], 16)
-        if local_port == port and fields[3] == "01":  # ESTABLISHED
-            inodes.add(fields[9])
-    counts: dict[int, int] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:
-            continue
-        held = sum(1 for link in links if (m := re.fullmatch(r"socket:\[(\d+)\]", link))
-                   and m.group(1) in inodes)
-        if held:
-            counts[int(pid)] = held
-    return counts
-
-
 @pytest.mark.slow
 async def test_two_workers_hold_equal_shares_and_refill_the_emptier(tmp_path: Path) -> None:
     """20 connections split 10/10 (the kernel's hash: 18 % of the time). Then 8 of one
@@ -379,14 +360,14 @@ async def test_two_workers_hold_equal_shares_and_refill_the_emptier(tmp_path: Pa
         clients = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(20)]
 
         def split() -> dict[int, int]:
-            return _connections_by_pid(server.port)
+            return connections_by_pid(server.port)
 
         await eventually(lambda: sum(split().values()) == 20, 10)
         assert sorted(split().values()) == [10, 10], split()
         # Close 8 of the first worker's: the clients whose server side that process holds.
         first_pid = min(split())
         ours = {w.get_extra_info("sockname")[1]: w for _, w in clients}
-        closing = _client_ports_of(first_pid, server.port)[:8]
+        closing = client_ports_held_by(first_pid, server.port)[:8]
         for port in closing:
             ours[port].close()
         await eventually(lambda: sorted(split().values()) == [2, 10], 10)
@@ -398,16 +379,3 @@ async def test_two_workers_hold_equal_shares_and_refill_the_emptier(tmp_path: Pa
             writer.close()
     finally:
         server.kill()
-
-
-def _client_ports_of(pid: int, port: int) -> list[int]:
-    """The clients' ports of the connections to `port` that process `pid` holds."""
-    mine = {m.group(1) for fd in os.listdir(f"/proc/{pid}/fd")
-            if (m := re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}")))}
-    ports = []
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if (int(fields[1].split(":")[1], 16) == port and fields[3] == "01"
-                and fields[9] in mine):
-            ports.append(int(fields[2].split(":")[1], 16))
-    return ports

@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from telephony.simulator import CallerTurn, SimulatedCaller
 from tests.fakes.openai_server import FakeOpenAi, Rule
-from tests.serverkit import ServerProcess, eventually
+from tests.serverkit import ServerProcess, connections_by_pid, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -227,22 +227,20 @@ async def test_a_draining_worker_is_passed_over_while_the_other_admits(
     the first worker): the caller gets a line, not a refusal. (Shedding at the event loop is
     off here: a worker just started, its loop busy loading models, would refuse for a moment
     too, and get no connection while the other takes them.)"""
-    from tests.test_balancer import _connections_by_pid
-
     await eventually(lambda: all(f"worker slot {slot} is taking connections" in server.log()
                                  for slot in (0, 1)), 60)
     async with websockets.connect(server.media_url) as ws:
         await start_call(ws, "CA" + uuid.uuid4().hex)
         await asyncio.wait_for(ws.recv(), 10)  # the greeting: the call is up
-        [calling_pid] = _connections_by_pid(server.port)
+        [calling_pid] = connections_by_pid(server.port)
         await asyncio.sleep(0.3)  # the workers' ticks report the start-up checks' closes
         # Three idle connections even the two workers out: 2 and 2.
         idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
         with contextlib.suppress(TimeoutError):
-            await eventually(lambda: sorted(_connections_by_pid(server.port).values())
+            await eventually(lambda: sorted(connections_by_pid(server.port).values())
                              == [2, 2], 10)
-        assert sorted(_connections_by_pid(server.port).values()) == [2, 2], (
-            _connections_by_pid(server.port), server.log())
+        assert sorted(connections_by_pid(server.port).values()) == [2, 2], (
+            connections_by_pid(server.port), server.log())
         os.kill(calling_pid, signal.SIGTERM)
         await eventually(lambda: f"{calling_pid} __mp_main__: draining" in server.log(), 10)
         await asyncio.sleep(0.5)  # its next tick reports it
