@@ -26,13 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.capacity_media import free_port, wait_ready  # noqa: E402
+
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def one(port: int) -> float:
@@ -47,19 +45,6 @@ def one(port: int) -> float:
     if not answer.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"unexpected answer: {answer[:80]!r}")
     return elapsed
-
-
-def wait_ready(port: int, process: subprocess.Popen[bytes], within_s: float = 120) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the server exited at start-up")
-        try:
-            one(port)
-            return
-        except (OSError, RuntimeError):
-            time.sleep(0.2)
-    raise RuntimeError(f"the server was not ready within {within_s} s")
 
 
 def main() -> int:
@@ -81,7 +66,7 @@ def main() -> int:
             cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         try:
-            wait_ready(port, server)
+            wait_ready(port, server, within_s=120)
             time.sleep(args.settle_s)
             for _ in range(100):  # warm-up
                 one(port)
