@@ -250,6 +250,11 @@ class LlamaCppLlm:
                     except TimeoutError:
                         raise EngineError("llm", f"no token within {self.timeout_s:g} s") from None
                 if item is _DONE:
+                    # The worker has only to return: wait for it, so that this context counts
+                    # as free (`queued`, lowered by `done`'s callback, which runs first) by
+                    # the time the reply has ended. Else the next request, made at once, could
+                    # find it still busy and go to another context, away from its kept prompt.
+                    await asyncio.wait([done])
                     break
                 if isinstance(item, Exception):
                     raise EngineError("llm", f"{item.__class__.__name__}: {item}") from item
