@@ -208,8 +208,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 20, 200])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vad-rate", type=int, choices=[8000, 16000], default=8000,
+                        help="the VAD's sample rate (the VAD_RATE setting)")
     parser.add_argument("--resampler", choices=["soxr", "halfband"], default="soxr",
-                        help="8 -> 16 kHz for the VAD (the VAD_RESAMPLER setting)")
+                        help="at --vad-rate 16000, 8 -> 16 kHz for the VAD (VAD_RESAMPLER)")
     parser.add_argument("--defer", choices=["on", "off", "both"], default="on",
                         help="frames waiting for the resampler's block (Conversation.hear): "
                              "as shipped, never (every frame heard one by one, bar the quiet "
@@ -228,7 +230,7 @@ def main() -> None:
                              "block, heard on its own): where a frame's time goes")
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # the actions' coroutines, never awaited
-    silero = SileroSession()
+    silero = SileroSession(rate=args.vad_rate)
     if args.once is not None:
         calls = feed(make_calls(args.once, silero, args.resampler), args.through,
                      args.hold == "on")

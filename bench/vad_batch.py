@@ -194,8 +194,8 @@ def main() -> None:
     args = parser.parse_args()
 
     # The sessions the server makes (one thread each, the same options), for both models.
-    stock = SileroSession(fast=False).session
-    batched = SileroSession(batched_model_bytes()).session
+    stock = SileroSession(fast=False, rate=16000).session
+    batched = SileroSession(batched_model_bytes(), rate=16000).session
     worst = check_exact(stock, batched)
     print(f"batched against stock, 7 streams × 40 windows of speech: largest difference {worst}")
     if worst != 0.0:
@@ -216,7 +216,7 @@ def main() -> None:
         runs.append({"windows": size, "us_per_window": round(us, 1),
                      "vs_stock": round(us / stock_us, 3)})
         print(f"{size:>25} {us:>14.1f} {us / stock_us:>9.2f}")
-    grid = SileroSession(grid_model_bytes()).session
+    grid = SileroSession(grid_model_bytes(), rate=16000).session
     grid_worst = check_grid_exact(stock, grid)
     print(f"grid (calls × windows per run) against stock: largest difference {grid_worst}")
     if grid_worst != 0.0:

@@ -29,6 +29,7 @@ falls back to the stock one if they disagree (`media/vad.py`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,28 +94,62 @@ def fast_model_bytes(model: Path | str | bytes) -> bytes:
     # The STFT: the stock graph pads 128 on each side by reflection and keeps frames 1..4 of
     # five; those start at 0, 128, 256 and 384 of the window and only reach 64 samples into
     # the right padding.
-    x = node("Pad", ["input", const("fast/pads", np.array([0, 0, 0, 64], np.int64))],
+    x = _stft(node, const, "input", basis[:, 0, :], BLOCK)
+    x = _encoder(node, const, x, [(weights[f"encoder.conv_layers.{k}.weight"],
+                                   weights[f"encoder.conv_layers.{k}.bias"])
+                                  for k in range(len(LAYER_STRIDES))])
+    node("Reshape", [x, const("fast/lstm_rows", np.array([-1, 1, 128], np.int64))], LSTM_INPUT)
+
+    new_nodes += nodes[lstm_at:]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {name for n in graph.node for name in n.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name)
+                             for name, value in new_weights.items())
+    onnx.checker.check_model(stock)
+    return stock.SerializeToString()  # type: ignore[no-any-return]
+
+
+Node = Callable[..., str]  # node(op, inputs, output, **attributes) -> output
+Const = Callable[[str, np.ndarray], str]  # const(name, value) -> name
+
+
+def _stft(node: Node, const: Const, x: str, basis: np.ndarray, block: int) -> str:
+    """The magnitudes of the four STFT frames a window (with its context: 4.5 blocks) gives,
+    as rows of (window, frame): the window padded on the right by reflection (half a block),
+    cut into five blocks, frames gathered as pairs of blocks and multiplied by the transposed
+    basis (`basis`: 2 × bins rows of `2 * block` taps, real then imaginary)."""
+    bins = basis.shape[0] // 2
+    x = node("Pad", [x, const("fast/pads", np.array([0, 0, 0, block // 2], np.int64))],
              "fast/padded", mode="reflect")
-    x = node("Reshape", [x, const("fast/blocks", np.array([-1, FRAMES + 1, BLOCK], np.int64))],
+    x = node("Reshape", [x, const("fast/blocks", np.array([-1, FRAMES + 1, block], np.int64))],
              "fast/blocks_out")
     pairs = np.array([[t, t + 1] for t in range(FRAMES)], np.int64)
     x = node("Gather", [x, const("fast/pairs", pairs)], "fast/frames4", axis=1)
-    x = node("Reshape", [x, const("fast/frame_rows", np.array([-1, 2 * BLOCK], np.int64))],
+    x = node("Reshape", [x, const("fast/frame_rows", np.array([-1, 2 * block], np.int64))],
              "fast/frames")
-    x = node("MatMul", [x, const("fast/stft", np.ascontiguousarray(basis[:, 0, :].T))],
-             "fast/spectrum")
+    x = node("MatMul", [x, const("fast/stft", np.ascontiguousarray(basis.T))], "fast/spectrum")
     x = node("Mul", [x, x], "fast/squares")
-    x = node("Reshape", [x, const("fast/halves", np.array([-1, 2, 129], np.int64))],
+    x = node("Reshape", [x, const("fast/halves", np.array([-1, 2, bins], np.int64))],
              "fast/halves_out")
     x = node("ReduceSum", [x, const("fast/axis1", np.array([1], np.int64))], "fast/power",
              keepdims=0)
-    x = node("Sqrt", [x], "fast/magnitude")  # (windows × 4) × 129
+    return node("Sqrt", [x], "fast/magnitude")  # (windows × 4) × bins
 
+
+def _encoder(node: Node, const: Const, x: str,
+             layers: list[tuple[np.ndarray, np.ndarray]]) -> str:
+    """The four encoder layers (kernel 3, padding 1, strides `LAYER_STRIDES`, ReLU) over
+    the rows of (window, frame): one row of 128 per window out. Each layer's taps are gathered
+    from the zero-padded time steps (one Gather with precomputed indices) and go through one
+    Gemm with the bias; a layer over one or two time steps keeps only the taps that see
+    audio."""
     steps = FRAMES
-    for k, stride in enumerate(LAYER_STRIDES):
-        w = weights[f"encoder.conv_layers.{k}.weight"]  # out × in × 3
-        bias = weights[f"encoder.conv_layers.{k}.bias"]
-        out_ch, in_ch, _ = w.shape
+    for k, ((w, bias), stride) in enumerate(zip(layers, LAYER_STRIDES, strict=True)):
+        out_ch, in_ch, _ = w.shape  # out × in × 3
         out_steps = (steps - 1) // stride + 1
         name = f"fast/layer{k}"
         if steps == 1:  # padding on both sides: only the middle tap sees audio
@@ -139,19 +174,114 @@ def fast_model_bytes(model: Path | str | bytes) -> bytes:
         x = node("Relu", [x], f"{name}/relu")
         steps = out_steps
     _check(steps == 1, "encoder output steps")
-    node("Reshape", [x, const("fast/lstm_rows", np.array([-1, 1, 128], np.int64))], LSTM_INPUT)
+    return x
 
-    new_nodes += nodes[lstm_at:]
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {name for n in graph.node for name in n.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name)
-                             for name, value in new_weights.items())
-    onnx.checker.check_model(stock)
-    return stock.SerializeToString()  # type: ignore[no-any-return]
+
+# The official model's branches (silero-vad's `silero_vad.onnx`, v6.2): the STFT's hop and
+# the window, by sample rate. Both take 4.5 blocks per window with its context.
+OFFICIAL_BLOCKS = {8000: 64, 16000: 128}
+
+
+def official_fast_model_bytes(model: Path | str | bytes, rate: int) -> bytes:
+    """One sample rate of Silero's official ONNX model (silero-vad 6.2's `silero_vad.onnx`,
+    both rates behind an `If` on its `sr` input, one window per stream and step) as a graph
+    of the shape this module's rewrite has: inputs `input` (n × 4.5 blocks: consecutive
+    windows of one stream with their context), `h` and `c` (1 × 1 × 128); outputs
+    `speech_probs` (n), `hn` and `cn`. The encoder is the rewrite's; the LSTM cell the
+    official graph spells out in elementwise steps becomes one LSTM node run over the rows as
+    a sequence (its gates reordered from PyTorch's i, f, g, o to ONNX's i, o, f, c), so a
+    call's windows go through in one run as with faster-whisper's export. The weights are
+    read from the branch for `rate`; the result is checked against the official graph at
+    start-up (`media.vad`), not here."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    block = OFFICIAL_BLOCKS.get(rate)
+    if block is None:
+        raise ValueError(f"Silero takes 8000 or 16000 Hz, not {rate}")
+    stock = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    graph = stock.graph
+    _check([i.name for i in graph.input] == ["input", "state", "sr"], "official inputs")
+    branch = next((n for n in graph.node if n.op_type == "If"), None)
+    _check(branch is not None, "official rate branch")
+    assert branch is not None
+    # `sr == 16000` takes the then-branch (the first Constant the condition compares).
+    wanted = "then_branch" if rate == 16000 else "else_branch"
+    body = next(a.g for a in branch.attribute if a.name == wanted)
+    weights: dict[str, np.ndarray] = {}
+    for n in body.node:
+        if n.op_type == "Constant" and "Inline_0__" in n.output[0]:
+            weights[n.output[0].split("Inline_0__", 1)[1]] = numpy_helper.to_array(
+                n.attribute[0].t)
+    basis = weights.get("stft.forward_basis_buffer")
+    _check(basis is not None and basis.shape[1:] == (1, 2 * block)
+           and basis.shape[0] == 2 * (block + 1), f"STFT basis at {rate} Hz")
+    assert basis is not None
+    layers = []
+    for k in range(len(LAYER_STRIDES)):
+        w = weights.get(f"encoder.{k}.reparam_conv.weight")
+        bias = weights.get(f"encoder.{k}.reparam_conv.bias")
+        _check(w is not None and bias is not None and w.shape[2] == 3, f"encoder layer {k}")
+        layers.append((w, bias))
+    rnn = [weights.get(f"decoder.rnn.{name}")
+           for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    _check(all(a is not None and a.shape[0] == 512 for a in rnn), "LSTM cell")
+    head_w, head_b = weights.get("decoder.decoder.2.weight"), weights.get("decoder.decoder.2.bias")
+    _check(head_w is not None and head_w.shape == (1, 128, 1) and head_b is not None,
+           "decoder")
+
+    nodes: list[onnx.NodeProto] = []
+    new_weights: dict[str, np.ndarray] = {}
+
+    def const(name: str, value: np.ndarray) -> str:
+        new_weights[name] = value
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs: object) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    x = _stft(node, const, "input", basis[:, 0, :], block)
+    x = _encoder(node, const, x, layers)
+    x = node("Reshape", [x, const("fast/lstm_rows", np.array([-1, 1, 128], np.int64))],
+             "fast/sequence")
+
+    def gates(a: np.ndarray) -> np.ndarray:  # PyTorch's i, f, g, o -> ONNX's i, o, f, c
+        i, f, g, o = np.split(a.astype(np.float32), 4, axis=0)
+        return np.concatenate([i, o, f, g], axis=0)
+
+    w_ih, w_hh, b_ih, b_hh = rnn
+    nodes.append(helper.make_node(
+        "LSTM", [x, const("fast/lstm_w", gates(w_ih)[None]),  # type: ignore[arg-type]
+                 const("fast/lstm_r", gates(w_hh)[None]),  # type: ignore[arg-type]
+                 const("fast/lstm_b", np.concatenate(
+                     [gates(b_ih), gates(b_hh)])[None]),  # type: ignore[arg-type]
+                 "", "h", "c"],
+        ["fast/lstm_y", "hn", "cn"], hidden_size=128))
+    x = node("Reshape", ["fast/lstm_y", const("fast/y_rows", np.array([-1, 128], np.int64))],
+             "fast/y")
+    x = node("Relu", [x], "fast/y_relu")
+    x = node("Gemm", [x, const("fast/head", np.ascontiguousarray(head_w[:, :, 0].T)),
+                      const("fast/head_bias", head_b)], "fast/logit")
+    x = node("Sigmoid", [x], "fast/prob")
+    node("Reshape", [x, const("fast/flat", np.array([-1], np.int64))], "speech_probs")
+
+    row = 9 * block // 2
+    state = [1, 1, 128]
+    fast = helper.make_graph(
+        nodes, f"silero_v6_2_{rate}_fast",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["windows", row]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, state),
+         helper.make_tensor_value_info("c", TensorProto.FLOAT, state)],
+        [helper.make_tensor_value_info("speech_probs", TensorProto.FLOAT, ["windows"]),
+         helper.make_tensor_value_info("hn", TensorProto.FLOAT, state),
+         helper.make_tensor_value_info("cn", TensorProto.FLOAT, state)],
+        [numpy_helper.from_array(np.asarray(value), name)
+         for name, value in new_weights.items()])
+    result = helper.make_model(fast, opset_imports=[helper.make_opsetid("", 17)])
+    result.ir_version = 8
+    onnx.checker.check_model(result)
+    return result.SerializeToString()  # type: ignore[no-any-return]
 
 
 def _attr(node: object, name: str) -> object:

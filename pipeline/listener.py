@@ -1,11 +1,14 @@
 """Listening: caller audio in, speech boundaries out.
 
-Per call, 8 kHz PCM frames are resampled to 16 kHz (one streaming resampler, state kept across
-frames: soxr's, or with `EndpointConfig.resampler = "halfband"` a half-band FIR that gives each
-frame's samples at once), cut into Silero's 32 ms windows, each scored by the VAD (behind its
-energy gate) as soon as it is whole, and run through an endpointing state machine that counts
-*audio* time, not wall time, so a caller streaming faster than real time (the simulator's pace
-factor) is judged the same way.
+Per call, 8 kHz PCM frames are cut into Silero's 32 ms windows at the VAD's sample rate
+(`Vad.sample_rate`), each scored by the VAD (behind its energy gate) as soon as it is whole,
+and run through an endpointing state machine that counts *audio* time, not wall time, so a
+caller streaming faster than real time (the simulator's pace factor) is judged the same way.
+At 8 kHz (the default) the frames are the windows' audio as they come, and an utterance's
+audio is resampled to 16 kHz (for STT and the turn detector) when it is asked for. At 16 kHz
+the frames are resampled first (one streaming resampler, state kept across frames: soxr's, or
+with `EndpointConfig.resampler = "halfband"` a half-band FIR that gives each frame's samples
+at once).
 
 Events, in order for one utterance:
   SpeechStarted     first voiced window (pre-roll kept, so the first word is not clipped)
@@ -24,10 +27,10 @@ from typing import Literal
 
 import numpy as np
 
-from media.resample import HalfbandUpsampler, StreamResampler
-from media.vad import SAMPLE_RATE, WINDOW, Vad
+from media.resample import HalfbandUpsampler, StreamResampler, resample
+from media.vad import SAMPLE_RATE, SHAPES, WINDOW, Vad
 
-WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms
+WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms, at either rate
 # In the middle of a caller's speech, voiced windows may wait for this many to be scored in
 # one model run (`Listener.feed`'s `hold`).
 HOLD_WINDOWS = 3
@@ -81,7 +84,8 @@ class EndpointConfig:
     preroll_ms: int = 300
     tail_ms: int = 160
     max_utterance_ms: int = 30_000
-    # How 8 kHz becomes Silero's 16 kHz. "soxr": libsoxr's HQ stream, which hands its output
+    # With a VAD at 16 kHz (`VAD_RATE=16000`): how 8 kHz becomes Silero's 16 kHz (at 8 kHz
+    # nothing is resampled before the VAD). "soxr": libsoxr's HQ stream, which hands its output
     # over in 1,660-sample blocks, so a window is heard 0-100 ms after it arrived. "halfband":
     # each frame at once (8 ms of filter delay): turns end about 50-90 ms sooner
     # (bench/turn_taking.py), but partial transcripts for barge-in see a little less audio,
@@ -96,8 +100,11 @@ class Listener:
         self._vad = vad
         self._quiet_run = getattr(vad, "quiet_run", None)  # optional (`Vad`)
         self.config = config or EndpointConfig()
-        self._resampler: HalfbandUpsampler | StreamResampler = (
-            HalfbandUpsampler() if self.config.resampler == "halfband"
+        self.rate = getattr(vad, "sample_rate", SAMPLE_RATE)
+        self._window_len = SHAPES[self.rate][0]
+        self._resampler: HalfbandUpsampler | StreamResampler | None = (
+            None if self.rate == 8000
+            else HalfbandUpsampler() if self.config.resampler == "halfband"
             else StreamResampler(8000, SAMPLE_RATE))
         self._pending = np.zeros(0, dtype=np.float32)
         self._whole_at: list[float] = []  # when each whole window in `_pending` arrived
@@ -142,8 +149,20 @@ class Listener:
     @property
     def input_until_output(self) -> int:
         """8 kHz samples still to come before `feed` can score a window: audio that adds up
-        to fewer is only held by the resampler (soxr's blocks), and decides nothing."""
-        return self._resampler.input_until_output
+        to fewer would only be held, and decides nothing (`Conversation.hear` may hold those
+        frames itself and hand them over as one block). At 16 kHz, what the resampler holds
+        (soxr's blocks, about every fifth frame; none with "halfband"). At 8 kHz, the rest of
+        the next window; in the middle of speech, where `feed(hold=True)` waits for
+        `HOLD_WINDOWS` windows, the rest of those."""
+        if self._resampler is not None:
+            return self._resampler.input_until_output
+        whole = HOLD_WINDOWS if self._holding() else 1
+        return max(0, whole * self._window_len - self._pending.size)
+
+    def _holding(self) -> bool:
+        """In the middle of speech: the utterance confirmed and the last window voiced,
+        where `feed(hold=True)` lets windows wait."""
+        return self._in_speech and self._confirmed and self._silence_ms == 0.0
 
     def audio(self) -> np.ndarray:
         """The current utterance so far (16 kHz float), trimmed like a pause's audio."""
@@ -163,8 +182,8 @@ class Listener:
              hold: bool = False) -> list[ListenerEvent]:
         """Feed 8 kHz int16 audio (a frame, or a block of them); returns the events it caused.
 
-        Each window is scored as soon as the resampler gives it whole (with "soxr", three or
-        four at a time in one model run). With `hold`, in the middle of speech (the
+        Each window is scored as soon as it is whole (at 16 kHz, as the resampler gives it:
+        with "soxr", three or four at a time in one model run). With `hold`, in the middle of speech (the
         utterance confirmed and the last window voiced) windows wait until `HOLD_WINDOWS` are
         whole, then go through one model run, about a fifth cheaper a window
         (`bench/vad_batch.py`). Nothing is decided later for it: each window is stamped with
@@ -172,18 +191,22 @@ class Listener:
         so a threshold of silence longer than the windows that waited (96 ms; the shortest,
         the speculative pause, is 200) is crossed on the same frame as without holding."""
         now = time.monotonic() if now is None else now
-        audio = self._resampler.process(pcm8k)  # int16 in, float32 [-1, 1) out
+        if self._resampler is None:
+            audio = pcm8k.astype(np.float32)
+            audio *= 1.0 / 32768.0
+        else:
+            audio = self._resampler.process(pcm8k)  # int16 in, float32 [-1, 1) out
         if not audio.size:
             # soxr hands its output over in blocks (about every fifth frame): until then
             # there is no new window, and the pending samples stay as they are.
             return []
         if self._pending.size:
             audio = np.concatenate((self._pending, audio))
-        count = audio.size // WINDOW
+        window = self._window_len
+        count = audio.size // window
         whole_at = self._whole_at
         whole_at.extend([now] * (count - len(whole_at)))
-        if (hold and 0 < count < HOLD_WINDOWS and self._in_speech and self._confirmed
-                and self._silence_ms == 0.0):
+        if hold and 0 < count < HOLD_WINDOWS and self._holding():
             self._pending = audio
             return []
         events: list[ListenerEvent] = []
@@ -192,7 +215,7 @@ class Listener:
             # several windows, scored together (`Vad.score_run`: one model run for the
             # ungated ones); an utterance that ends inside the block resets the VAD, and the
             # windows after it are scored again from there, as one by one would have.
-            windows = audio[: count * WINDOW].reshape(count, WINDOW)
+            windows = audio[: count * window].reshape(count, window)
             done = 0
             if (not self._in_speech and self._quiet_run is not None and self.config.threshold > 0
                     and self._quiet_run(windows)):
@@ -210,7 +233,7 @@ class Listener:
                             and done < count):
                         break
             whole_at.clear()
-        self._pending = audio[count * WINDOW:].copy()
+        self._pending = audio[count * window:].copy()
         return events
 
     def _window(self, window: np.ndarray, prob: float, now: float,
@@ -277,13 +300,19 @@ class Listener:
             events.append(SpeechConfirmed(now, now))
 
     def _audio(self) -> np.ndarray:
-        """The utterance so far, trimmed to `tail_ms` of trailing silence."""
+        """The utterance so far at 16 kHz, trimmed to `tail_ms` of trailing silence (at 8 kHz
+        its windows are resampled at once, whole)."""
         keep_tail = int(self.config.tail_ms / WINDOW_MS)
         silent_windows = round(self._silence_ms / WINDOW_MS)
         windows = self._utterance
         if silent_windows > keep_tail:
             windows = windows[: len(windows) - (silent_windows - keep_tail)]
-        return np.concatenate(windows) if windows else np.zeros(0, dtype=np.float32)
+        if not windows:
+            return np.zeros(0, dtype=np.float32)
+        audio = np.concatenate(windows)
+        if self.rate != SAMPLE_RATE:
+            audio = resample(audio, self.rate, SAMPLE_RATE).astype(np.float32, copy=False)
+        return audio
 
     def _end(self, now: float, events: list[ListenerEvent]) -> None:
         events.append(

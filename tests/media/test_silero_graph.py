@@ -1,4 +1,5 @@
-"""The rewritten Silero graph (media/silero_graph.py) against faster-whisper's stock one."""
+"""The rewritten Silero graphs (media/silero_graph.py) against the stock ones: faster-whisper's
+v6 at 16 kHz, and the 8 kHz branch of Silero's official v6.2 model."""
 
 import logging
 
@@ -9,18 +10,25 @@ from media import silero_graph, vad
 from media.audiofile import read_wav
 from media.mulaw import pcm16_to_ulaw, ulaw_to_pcm16
 from media.resample import resample
-from media.silero_graph import UnsupportedGraph, fast_model_bytes
-from media.vad import CONTEXT, WINDOW, SileroSession, SileroVad, silero_model_path
+from media.silero_graph import UnsupportedGraph, fast_model_bytes, official_fast_model_bytes
+from media.vad import (
+    CONTEXT,
+    WINDOW,
+    SileroSession,
+    SileroVad,
+    official_model_path,
+    silero_model_path,
+)
 
 
 @pytest.fixture(scope="module")
 def stock() -> SileroSession:
-    return SileroSession(fast=False)
+    return SileroSession(fast=False, rate=16000)
 
 
 @pytest.fixture(scope="module")
 def fast() -> SileroSession:
-    return SileroSession()
+    return SileroSession(rate=16000)
 
 
 def _windows(path: str) -> np.ndarray:
@@ -116,7 +124,7 @@ def test_a_rewrite_that_disagrees_falls_back_to_the_stock_model(monkeypatch, cap
 
     monkeypatch.setattr(silero_graph, "fast_model_bytes", off_by_a_little)
     with caplog.at_level(logging.WARNING, logger=vad.__name__):
-        session = SileroSession()
+        session = SileroSession(rate=16000)
     assert session.kind == "stock"
     assert "disagrees" in caplog.text
 
@@ -124,4 +132,91 @@ def test_a_rewrite_that_disagrees_falls_back_to_the_stock_model(monkeypatch, cap
         raise UnsupportedGraph("not the Silero v6 graph this rewrite knows: test")
 
     monkeypatch.setattr(silero_graph, "fast_model_bytes", broken)
-    assert SileroSession().kind == "stock"
+    assert SileroSession(rate=16000).kind == "stock"
+
+
+
+# The 8 kHz model: Silero's official graph runs one window per step, its state (h over c)
+# carried by hand; the rewrite takes a call's consecutive windows as one sequence.
+
+
+def _official_one_by_one(rows: np.ndarray, h: np.ndarray, c: np.ndarray,
+                         rate: int = 8000) -> tuple[list[float], np.ndarray]:
+    official = SileroSession._load(str(official_model_path()))
+    state = np.concatenate([h, c])
+    probs = []
+    for row in rows:
+        out, state = official.run(None, {"input": row[None], "state": state,
+                                         "sr": np.array(rate, dtype=np.int64)})
+        probs.append(float(out[0, 0]))
+    return probs, state
+
+
+@pytest.mark.parametrize("wav", ["one_two_three.wav", "open_hours.wav", "click.wav"])
+def test_the_8k_rewrite_scores_real_audio_as_the_official_model_does(fixtures_dir,
+                                                                     wav: str) -> None:
+    """A phone line's audio (μ-law, no resampling) in runs of 1 to 4 windows through the
+    rewrite, against the official graph a window at a time: the same probabilities and
+    states to float rounding, the same decisions."""
+    fast8 = SileroSession()
+    assert (fast8.kind, fast8.rate, fast8.window, fast8.context) == ("fast", 8000, 256, 32)
+    pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(str(fixtures_dir / wav), 8000)))
+    audio = np.concatenate([np.zeros(32, np.float32), pcm.astype(np.float32) / 32768])
+    count = (len(audio) - 32) // 256
+    rows = np.stack([audio[i * 256 : i * 256 + 288] for i in range(count)])
+    h, c = fast8.silence_state
+    want, state = _official_one_by_one(rows, h, c)
+    got: list[float] = []
+    at = turn = 0
+    sizes = [1, 3, 4, 3, 2]
+    while at < count:
+        run = rows[at : at + sizes[turn % len(sizes)]]
+        probs, h, c = fast8.session.run(None, {"input": run, "h": h, "c": c})
+        got += probs.tolist()
+        at += len(run)
+        turn += 1
+    assert max(abs(x - y) for x, y in zip(want, got, strict=True)) < 1e-5
+    assert [x > 0.5 for x in want] == [y > 0.5 for y in got]
+    np.testing.assert_allclose(np.concatenate([h, c]), state, rtol=1e-4, atol=1e-5)
+    if wav != "click.wav":
+        assert max(want) > 0.9  # real speech: the comparison covers confident windows
+
+
+def test_the_official_16k_branch_builds_the_same_way(fixtures_dir) -> None:
+    """The builder reads either branch: at 16 kHz it agrees with the official graph too."""
+    session = SileroSession._load(official_fast_model_bytes(official_model_path(), 16000))
+    rows = _windows(str(fixtures_dir / "one_two_three.wav"))[18:24]
+    rows = np.concatenate([np.zeros((len(rows), CONTEXT), np.float32), rows], axis=1)
+    h = np.zeros((1, 1, 128), np.float32)
+    want, _ = _official_one_by_one(rows, h, h, rate=16000)
+    got, _, _ = session.run(None, {"input": rows, "h": h, "c": h})
+    assert max(abs(x - y) for x, y in zip(want, got.tolist(), strict=True)) < 1e-5
+    with pytest.raises(ValueError, match="8000 or 16000"):
+        official_fast_model_bytes(official_model_path(), 11025)
+
+
+def test_an_8k_rewrite_that_disagrees_falls_back_to_16k(monkeypatch, caplog) -> None:
+    """The VAD still runs, at 16 kHz (the listener follows the session's rate)."""
+    import onnx
+    from onnx import numpy_helper
+
+    real = silero_graph.official_fast_model_bytes
+
+    def off_by_a_little(path: object, rate: int) -> bytes:
+        model = onnx.load_from_string(real(path, rate))  # type: ignore[arg-type]
+        for init in model.graph.initializer:
+            if init.name == "fast/head_bias":
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.05,
+                                                      init.name))
+        return model.SerializeToString()  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(silero_graph, "official_fast_model_bytes", off_by_a_little)
+    with caplog.at_level(logging.WARNING, logger=vad.__name__):
+        session = SileroSession()
+    assert (session.kind, session.rate, session.window) == ("fast", 16000, 512)
+    assert "disagrees" in caplog.text
+    assert SileroVad(session).sample_rate == 16000
+    with pytest.raises(ValueError, match="only runs rewritten"):
+        SileroSession(fast=False)
+    with pytest.raises(ValueError, match="8000 or 16000"):
+        SileroSession(rate=22050)

@@ -4,44 +4,48 @@ import pytest
 from media.audiofile import read_wav
 from media.mulaw import pcm16_to_ulaw, ulaw_to_pcm16
 from media.resample import resample
-from media.vad import CONTEXT, WINDOW, SileroSession, SileroVad, dbfs
+from media.vad import SileroSession, SileroVad, dbfs
 
 
-@pytest.fixture(scope="module")
-def session() -> SileroSession:
-    return SileroSession()
+@pytest.fixture(scope="module", params=[8000, 16000])
+def session(request) -> SileroSession:
+    """Both rates: the 8 kHz model (the default) and faster-whisper's 16 kHz one."""
+    session = SileroSession(rate=request.param)
+    assert session.rate == request.param
+    return session
 
 
-def _windows(path: str) -> list[np.ndarray]:
-    # Over the phone line: μ-law at 8 kHz, then up to the VAD's 16 kHz.
+def _windows(path: str, session: SileroSession) -> list[np.ndarray]:
+    # Over the phone line: μ-law at 8 kHz, then (for a 16 kHz VAD) resampled.
     pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(path, 8000))).astype(np.float32) / 32768
-    audio = resample(pcm, 8000, 16000).astype(np.float32)
-    return [audio[i : i + WINDOW] for i in range(0, len(audio) - WINDOW, WINDOW)]
+    audio = resample(pcm, 8000, session.rate).astype(np.float32)
+    size = session.window
+    return [audio[i : i + size] for i in range(0, len(audio) - size, size)]
 
 
 def test_silero_hears_a_human_voice(session: SileroSession, fixtures_dir) -> None:
     vad = SileroVad(session)
-    probs = [vad.score(w) for w in _windows(str(fixtures_dir / "one_two_three.wav"))]
+    probs = [vad.score(w) for w in _windows(str(fixtures_dir / "one_two_three.wav"), session)]
     assert max(probs) > 0.9
     assert sum(p > 0.5 for p in probs) >= 15  # three words of ~0.3 s each
 
 
 def test_energy_gate_skips_silence_and_scores_it_zero(session: SileroSession) -> None:
     vad = SileroVad(session, gate_dbfs=-50)
-    quiet = np.full(WINDOW, 1e-4, dtype=np.float32)
+    quiet = np.full(session.window, 1e-4, dtype=np.float32)
     assert dbfs(quiet) < -50
     assert vad.score(quiet) == 0.0
 
 
 def test_a_noise_burst_is_not_sustained_speech(session: SileroSession, fixtures_dir) -> None:
     vad = SileroVad(session)
-    probs = [vad.score(w) for w in _windows(str(fixtures_dir / "click.wav"))]
+    probs = [vad.score(w) for w in _windows(str(fixtures_dir / "click.wav"), session)]
     assert sum(p > 0.5 for p in probs) <= 3
 
 
 class _OneRunPerWindow:
     """What `SileroVad` promises, straight on the model, one run per window: each window with
-    the 64 samples before it as context (zeros after a reset), the LSTM state carried from
+    the 4 ms before it as context (zeros after a reset), the LSTM state carried from
     run to run; a gated window scores 0 and puts the state back to the settled silence."""
 
     def __init__(self, session: SileroSession, gate_dbfs: float = -50.0) -> None:
@@ -51,11 +55,11 @@ class _OneRunPerWindow:
 
     def reset(self) -> None:
         self._h, self._c = (state.copy() for state in self._session.silence_state)
-        self._context = np.zeros(CONTEXT, dtype=np.float32)
+        self._context = np.zeros(self._session.context, dtype=np.float32)
 
     def score(self, window: np.ndarray) -> float:
         row = np.concatenate((self._context, window))[None]
-        self._context = window[-CONTEXT:].copy()
+        self._context = window[-self._session.context:].copy()
         if dbfs(window) < self._gate:
             self._h, self._c = (state.copy() for state in self._session.silence_state)
             return 0.0
@@ -69,8 +73,8 @@ def test_a_run_of_windows_scores_exactly_as_one_run_per_window(session: SileroSe
     """`score_run` (one model run for consecutive windows) and `score` against the model run
     once per window: bit for bit, with runs of every length the listener makes, gated windows
     inside a run (state back to silence, context kept) and resets between runs."""
-    words = _windows(str(fixtures_dir / "one_two_three.wav"))
-    quiet = np.full(WINDOW, 1e-4, dtype=np.float32)
+    words = _windows(str(fixtures_dir / "one_two_three.wav"), session)
+    quiet = np.full(session.window, 1e-4, dtype=np.float32)
     stream = [*words[:20], quiet, *words[20:31], quiet, quiet, *words[31:]]
     sizes = [1, 3, 4, 2, 5, 3, 4, 3, 1, 4]
     reference, one, many = _OneRunPerWindow(session), SileroVad(session), SileroVad(session)
@@ -97,9 +101,9 @@ def test_a_quiet_block_is_taken_in_one_pass_as_score_run_takes_it(session: Siler
     it (the next words score bit for bit the same); with one window above the gate, or a
     block within a thousandth of the gate's power (a lone window `dbfs` does gate), it
     refuses and changes nothing."""
-    words = np.stack(_windows(str(fixtures_dir / "one_two_three.wav")))
+    words = np.stack(_windows(str(fixtures_dir / "one_two_three.wav"), session))
     rng = np.random.default_rng(5)
-    hiss = (rng.standard_normal((4, WINDOW)) * 10 ** (-62 / 20)).astype(np.float32)
+    hiss = (rng.standard_normal((4, session.window)) * 10 ** (-62 / 20)).astype(np.float32)
     for quiet in (hiss, hiss[:1]):
         one_pass, by_window = SileroVad(session), SileroVad(session)
         one_pass.score_run(words[:6])
@@ -111,7 +115,7 @@ def test_a_quiet_block_is_taken_in_one_pass_as_score_run_takes_it(session: Siler
     vad = SileroVad(session)
     vad.score_run(words[:6])
     before = vad._input.copy(), vad._h.copy(), vad._c.copy()
-    at_the_gate = np.full(WINDOW, 10 ** (-50 / 20), dtype=np.float32)  # -50 dBFS: the gate
+    at_the_gate = np.full(session.window, 10 ** (-50 / 20), dtype=np.float32)  # -50 dBFS: the gate
     for block in (np.concatenate([hiss, words[10:11]]), np.stack([hiss[0], at_the_gate * 0.9999]),
                   at_the_gate[None] * 0.9999):
         assert not vad.quiet_run(block)
@@ -120,4 +124,4 @@ def test_a_quiet_block_is_taken_in_one_pass_as_score_run_takes_it(session: Siler
     assert dbfs(at_the_gate * 0.9999) < -50.0  # gated by `score`, all the same
     # A gate under `dbfs`'s floor for digital silence (-120) scores silence: no one pass.
     floor = SileroVad(session, gate_dbfs=-130.0)
-    assert not floor.quiet_run(np.zeros((3, WINDOW), dtype=np.float32))
+    assert not floor.quiet_run(np.zeros((3, session.window), dtype=np.float32))

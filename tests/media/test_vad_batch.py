@@ -22,18 +22,18 @@ from media.vad import SileroSession
 
 @pytest.fixture(scope="module")
 def stock() -> object:
-    return SileroSession(fast=False).session
+    return SileroSession(fast=False, rate=16000).session
 
 
 def test_the_batched_model_matches_the_stock_model_stream_by_stream(stock: object) -> None:
-    batched = SileroSession(batched_model_bytes()).session
+    batched = SileroSession(batched_model_bytes(), rate=16000).session
     assert check_exact(stock, batched, streams=5, windows=30) == 0.0
 
 
 def test_the_grid_model_matches_the_stock_model_window_by_window(stock: object) -> None:
     """Many calls × many windows in one run: window t of stream b, every state after each
     run, bit for bit what the stock model gives one window at a time."""
-    grid = SileroSession(grid_model_bytes()).session
+    grid = SileroSession(grid_model_bytes(), rate=16000).session
     assert check_grid_exact(stock, grid, streams=4, steps=3, windows=24) == 0.0
     assert check_grid_exact(stock, grid, streams=1, steps=4, windows=12) == 0.0
 

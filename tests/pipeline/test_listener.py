@@ -17,8 +17,20 @@ from pipeline.listener import (
 
 
 @pytest.fixture(scope="module")
-def session() -> SileroSession:
-    return SileroSession()
+def sessions() -> dict[int, SileroSession]:
+    """Silero at both rates: 8 kHz (the default) and 16 kHz (faster-whisper's v6)."""
+    return {8000: SileroSession(), 16000: SileroSession(rate=16000)}
+
+
+# How the listener hears the line: at 8 kHz as it comes ("8k", the default), or resampled to
+# 16 kHz by soxr's stream or the half-band filter (`VAD_RATE=16000`).
+PATHS = ["8k", "soxr", "halfband"]
+
+
+def listener(sessions, path: str, vad_type=SileroVad, **config) -> Listener:
+    rate = 8000 if path == "8k" else 16000
+    resampler = "soxr" if path == "8k" else path
+    return Listener(vad_type(sessions[rate]), EndpointConfig(resampler=resampler, **config))
 
 
 def run(listener: Listener, path, trailing_ms: int = 1500) -> list:
@@ -37,47 +49,42 @@ def feed(listener: Listener, pcm: np.ndarray, frames: int = 1) -> list:
     return events
 
 
-RESAMPLERS = pytest.mark.parametrize("resampler", ["soxr", "halfband"])
+ALL_PATHS = pytest.mark.parametrize("path", PATHS)
 
 
-@RESAMPLERS
-def test_a_sentence_is_one_utterance(session, fixtures_dir, resampler) -> None:
-    events = run(Listener(SileroVad(session), EndpointConfig(resampler=resampler)),
-                 fixtures_dir / "open_hours.wav")
+@ALL_PATHS
+def test_a_sentence_is_one_utterance(sessions, fixtures_dir, path) -> None:
+    events = run(listener(sessions, path), fixtures_dir / "open_hours.wav")
     ended = [e for e in events if isinstance(e, SpeechEnded)]
     assert len(ended) == 1 and ended[0].confirmed and ended[0].worth_transcribing
     assert [type(e) for e in events][:2] == [SpeechStarted, SpeechConfirmed]
-    # ~2.7 s of speech, kept whole with pre-roll (first word not clipped).
+    # ~2.7 s of speech, kept whole with pre-roll (first word not clipped), at 16 kHz.
+    assert ended[0].audio.dtype == np.float32
     assert 2.4 < len(ended[0].audio) / 16000 < 3.6
     # End of speech is stamped at the last voiced window, the endpoint 500 ms later.
     assert abs((ended[0].ended_at - ended[0].last_voice_at) - 0.5) < 0.05
 
 
-@RESAMPLERS
-def test_slow_counting_splits_at_short_silence_and_joins_at_long(session, fixtures_dir,
-                                                                 resampler) -> None:
-    short = run(Listener(SileroVad(session), EndpointConfig(silence_ms=300, resampler=resampler)),
-                fixtures_dir / "one_two_three.wav")
-    long = run(Listener(SileroVad(session), EndpointConfig(silence_ms=900, resampler=resampler)),
-               fixtures_dir / "one_two_three.wav")
+@ALL_PATHS
+def test_slow_counting_splits_at_short_silence_and_joins_at_long(sessions, fixtures_dir,
+                                                                 path) -> None:
+    short = run(listener(sessions, path, silence_ms=300), fixtures_dir / "one_two_three.wav")
+    long = run(listener(sessions, path, silence_ms=900), fixtures_dir / "one_two_three.wav")
     assert sum(isinstance(e, SpeechEnded) for e in short) == 3
     assert sum(isinstance(e, SpeechEnded) for e in long) == 1
 
 
-@RESAMPLERS
-def test_speculative_pause_comes_before_the_end(session, fixtures_dir, resampler) -> None:
-    events = run(Listener(SileroVad(session), EndpointConfig(speculative_ms=200,
-                                                             resampler=resampler)),
-                 fixtures_dir / "book_table.wav")
+@ALL_PATHS
+def test_speculative_pause_comes_before_the_end(sessions, fixtures_dir, path) -> None:
+    events = run(listener(sessions, path, speculative_ms=200), fixtures_dir / "book_table.wav")
     kinds = [type(e) for e in events]
     assert SpeechPaused in kinds
     assert kinds.index(SpeechPaused) < kinds.index(SpeechEnded)
 
 
-@RESAMPLERS
-def test_a_click_is_never_confirmed_speech(session, fixtures_dir, resampler) -> None:
-    events = run(Listener(SileroVad(session), EndpointConfig(resampler=resampler)),
-                 fixtures_dir / "click.wav")
+@ALL_PATHS
+def test_a_click_is_never_confirmed_speech(sessions, fixtures_dir, path) -> None:
+    events = run(listener(sessions, path), fixtures_dir / "click.wav")
     assert not any(isinstance(e, SpeechConfirmed) for e in events)
     assert not any(isinstance(e, SpeechEnded) and e.worth_transcribing for e in events)
 
@@ -87,6 +94,7 @@ class OneByOne:
 
     def __init__(self, vad: SileroVad) -> None:
         self._vad = vad
+        self.sample_rate = vad.sample_rate
 
     def score(self, window: np.ndarray) -> float:
         return self._vad.score(window)
@@ -98,9 +106,10 @@ class OneByOne:
         self._vad.reset()
 
 
-@pytest.mark.parametrize(("resampler", "frames"), [("soxr", 1), ("halfband", 10)])
-def test_windows_scored_by_block_give_the_events_of_one_by_one(session, fixtures_dir,
-                                                               resampler, frames) -> None:
+@pytest.mark.parametrize(("path", "frames"), [("8k", 5), ("8k", 10), ("soxr", 1),
+                                              ("halfband", 10)])
+def test_windows_scored_by_block_give_the_events_of_one_by_one(sessions, fixtures_dir,
+                                                               path, frames) -> None:
     """soxr's blocks of output, or a block of frames fed at once (a call's held quiet frames
     come as one), hold several windows: the listener scores them in one model run; an
     utterance that ends inside a block resets the VAD, so the windows after it are scored
@@ -110,9 +119,9 @@ def test_windows_scored_by_block_give_the_events_of_one_by_one(session, fixtures
     hiss = np.random.default_rng(7).normal(0, 32768 * 10 ** (-45 / 20), 8 * 4000)
     line = np.concatenate([pcm, pcm, np.zeros(8 * 1500)])
     line = np.clip(line + np.resize(hiss, line.size), -32768, 32767).astype(np.int16)
-    config = EndpointConfig(silence_ms=250, speculative_ms=120, resampler=resampler)
-    block, single = (feed(Listener(vad, config), line, frames)  # type: ignore[arg-type]
-                     for vad in (SileroVad(session), OneByOne(SileroVad(session))))
+    block, single = (feed(listener(sessions, path, vad_type, silence_ms=250, speculative_ms=120),
+                          line, frames)
+                     for vad_type in (SileroVad, lambda s: OneByOne(SileroVad(s))))
     assert sum(isinstance(e, SpeechEnded) for e in single) >= 4
     assert [type(e) for e in block] == [type(e) for e in single]
     for a, b in zip(block, single, strict=True):
@@ -125,8 +134,9 @@ class Scripted:
     """A VAD with a state, as Silero has: voiced for the first 10 windows after a reset, then
     silent until the next one."""
 
-    def __init__(self) -> None:
+    def __init__(self, sample_rate: int) -> None:
         self.since_reset = 0
+        self.sample_rate = sample_rate
 
     def score(self, window: np.ndarray) -> float:
         self.since_reset += 1
@@ -139,35 +149,38 @@ class Scripted:
         self.since_reset = 0
 
 
-@pytest.mark.parametrize(("resampler", "frames", "whole"), [("soxr", 1, 19), ("halfband", 10, 20)])
+@pytest.mark.parametrize(("path", "frames", "whole"), [("8k", 1, 20), ("8k", 5, 20),
+                                                       ("soxr", 1, 19), ("halfband", 10, 20)])
 def test_windows_after_an_end_inside_a_block_are_scored_after_the_reset(
-        resampler, frames, whole) -> None:
+        path, frames, whole) -> None:
     """An utterance ends (and the VAD resets) in the middle of a block of windows: the rest of
     the block is scored from the reset state. With this VAD every utterance is 10 voiced
     windows and 5 silent ones, wherever the block edges fall: 300 windows' worth of audio hold
     20 whole ones (19 through soxr, whose delay keeps a few samples back). Fed frame by frame
     through soxr (3-4 windows a block), or 10 frames at a time through the half-band filter
-    (6.25 windows a block). Scoring the rest of a block before the reset would lose windows at
-    each end, and utterances with them."""
-    listener = Listener(Scripted(), EndpointConfig(silence_ms=160, speculative_ms=0,  # type: ignore[arg-type]
-                                                   resampler=resampler))
-    count = 300 * 512 // 320 + 1  # 8 kHz frames for 300 windows at 16 kHz
+    (6.25 windows a block), or at 8 kHz in blocks of 1 and 5 frames (0.6 and 3.1 windows).
+    Scoring the rest of a block before the reset would lose windows at each end, and
+    utterances with them."""
+    scripted = Listener(Scripted(8000 if path == "8k" else 16000),  # type: ignore[arg-type]
+                        EndpointConfig(silence_ms=160, speculative_ms=0,
+                                       resampler="soxr" if path == "8k" else path))
+    count = 300 * 512 // 320 + 1  # 8 kHz frames for 300 windows of 32 ms
     tone = (3000 * np.sin(np.arange(160 * count) * 0.3)).astype(np.int16)
-    ended = [e for e in feed(listener, tone, frames) if isinstance(e, SpeechEnded)]
+    ended = [e for e in feed(scripted, tone, frames) if isinstance(e, SpeechEnded)]
     assert len(ended) == whole and all(e.voiced_ms == 10 * 32 for e in ended)
 
 
-def test_the_halfband_resampler_ends_turns_sooner(session, fixtures_dir) -> None:
+@pytest.mark.parametrize("path", ["halfband", "8k"])
+def test_the_halfband_resampler_and_8k_end_turns_sooner(sessions, fixtures_dir, path) -> None:
     """soxr's blocks make the VAD hear a frame 0-100 ms late; the half-band filter gives it
-    every frame at once: the same utterances, never ended later by the audio clock, and
-    sooner on average (by where soxr's block edges fall)."""
+    every frame at once, and at 8 kHz there is nothing to resample: the same utterances,
+    never ended later by the audio clock, and sooner on average (by where soxr's block edges
+    fall). (At 8 kHz it is another model's branch: the same utterances all the same.)"""
     sooner = []
     for name in ("open_hours.wav", "one_two_three.wav", "book_table.wav"):
-        soxr, halfband = ([e for e in run(Listener(SileroVad(session),
-                                                   EndpointConfig(resampler=resampler)),
-                                          fixtures_dir / name)
+        soxr, halfband = ([e for e in run(listener(sessions, way), fixtures_dir / name)
                            if isinstance(e, SpeechEnded)]
-                          for resampler in ("soxr", "halfband"))
+                          for way in ("soxr", path))
         assert len(soxr) == len(halfband) >= 1
         for late, soon in zip(soxr, halfband, strict=True):
             sooner.append(late.ended_at - soon.ended_at)
@@ -188,8 +201,9 @@ class Counting(SileroVad):
         return super()._run(windows)
 
 
-def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(session,
-                                                                     fixtures_dir) -> None:
+@pytest.mark.parametrize("path", ["halfband", "8k"])
+def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(sessions, fixtures_dir,
+                                                                     path) -> None:
     """With `hold`, windows in the middle of speech wait to be scored three at a time: every
     event is the same, stamps and audio included, and each is returned by the same frame
     (a held window is voiced speech going on: no event turns on it)."""
@@ -199,9 +213,9 @@ def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(session,
     line = np.clip(line + np.resize(hiss, line.size), -32768, 32767).astype(np.int16)
     results = {}
     for hold in (False, True):
-        vad = Counting(session)
-        listener = Listener(vad, EndpointConfig(resampler="halfband"))
-        by_frame = [listener.feed(line[i : i + 160], i / 8000, hold)
+        heard = listener(sessions, path, Counting)
+        vad = heard._vad
+        by_frame = [heard.feed(line[i : i + 160], i / 8000, hold)
                     for i in range(0, len(line) - 159, 160)]
         results[hold] = (by_frame, vad.runs)
     (plain, plain_runs), (held, held_runs) = results[False], results[True]
@@ -218,8 +232,10 @@ def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(session,
     assert sum(held_runs) == sum(plain_runs) and len(held_runs) < 0.75 * len(plain_runs)
 
 
+@pytest.mark.parametrize("rate", [8000, 16000])
 @pytest.mark.parametrize("frames", [1, 10])
-def test_quiet_blocks_in_one_pass_give_the_same_events(session, fixtures_dir, frames) -> None:
+def test_quiet_blocks_in_one_pass_give_the_same_events(sessions, fixtures_dir, frames,
+                                                       rate) -> None:
     """On a quiet line (hiss under the gate between the words), blocks whose windows are all
     gated go to the pre-roll at once (`quiet_run`): the events are those of scoring window by
     window, each utterance's audio (its pre-roll included) sample for sample."""
@@ -227,6 +243,7 @@ def test_quiet_blocks_in_one_pass_give_the_same_events(session, fixtures_dir, fr
     hiss = np.random.default_rng(11).normal(0, 32768 * 10 ** (-62 / 20), 8 * 2000)
     line = np.concatenate([np.zeros(8 * 700), pcm, np.zeros(8 * 1300), pcm, np.zeros(8 * 1300)])
     line = np.clip(line + np.resize(hiss, line.size), -32768, 32767).astype(np.int16)
+    session = sessions[rate]
     quiet = SileroVad(session)
     passes = []
     original = quiet.quiet_run

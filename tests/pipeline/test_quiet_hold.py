@@ -25,9 +25,11 @@ from tests.pipeline.test_conversation_tasks import _Sink
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
-@pytest.fixture(scope="module")
-def silero() -> SileroSession:
-    return SileroSession()
+@pytest.fixture(scope="module", params=[8000, 16000])
+def silero(request) -> SileroSession:
+    """Both rates: at 8 kHz (the default) frames wait for the next Silero window (or, in
+    speech, three); at 16 kHz for soxr's next block."""
+    return SileroSession(rate=request.param)
 
 
 def _frames(pcm: np.ndarray) -> list[bytes]:
@@ -97,7 +99,7 @@ def test_held_frames_lead_to_the_same_decisions_on_the_same_frames(
             assert np.array_equal(a, b)  # the same audio, sample for sample
     assert one_by_one.echo_guard.near_end == len(frames) * 160
     still_held = len(holding._held)  # the line's last frames, not a whole block yet
-    assert 0 < still_held < conversation_module.HOLD_FRAMES
+    assert (0 if silero.rate == 8000 else 1) <= still_held < conversation_module.HOLD_FRAMES
     assert holding.echo_guard.near_end == (len(frames) - still_held) * 160
     assert holding.echo_guard.stats.frames == len(frames) - still_held
     assert holding.listener.in_speech == one_by_one.listener.in_speech
@@ -107,10 +109,13 @@ def test_held_frames_lead_to_the_same_decisions_on_the_same_frames(
         # listened to frame by frame (the caller is still in an utterance): 509 feeds
         # against 682.
         assert held_feeds < len(frames) * 0.8
-    if defer:
+    if defer and silero.rate == 16000:
         # Turn-taking is fed once per resampler block (about every fifth frame) wherever
         # the bot is silent, as here, quiet frames or not.
         assert held_feeds < len(frames) * (0.35 if hold_quiet else 0.25)
+    elif defer:
+        # At 8 kHz at most once per window (every 1.6 frames), three windows in speech.
+        assert held_feeds < len(frames) * (0.45 if hold_quiet else 1 / 1.6)
 
 
 def test_frames_wait_for_the_one_that_completes_the_resamplers_block(
@@ -125,7 +130,7 @@ def test_frames_wait_for_the_one_that_completes_the_resamplers_block(
     for _ in range(35):
         conversation.hear(ulaw_silence(20))
         assert conversation._held == []
-    for _ in range(5):
+    for _ in range(5 if silero.rate == 16000 else 6):  # 40 frames are 25 whole windows
         conversation.hear(ulaw_silence(20))
     waiting = len(conversation._held)
     assert waiting  # from here on, frames wait
@@ -145,8 +150,12 @@ def test_frames_wait_for_the_one_that_completes_the_resamplers_block(
             assert len(conversation._held) == held_before + 1  # waits
         else:
             assert conversation._held == []  # released with the frame that completes it
-    # soxr's blocks: 927 samples in, then every 830: blocks of five or six frames.
-    assert set(fed) <= {800, 960}
+    if silero.rate == 16000:
+        # soxr's blocks: 927 samples in, then every 830: blocks of five or six frames.
+        assert set(fed) <= {800, 960}
+    else:
+        # A window every 256 samples (one or two frames); in speech three (four or five).
+        assert set(fed) <= {160, 320, 640, 800} and {640, 800} & set(fed)
     assert sum(fed) + 160 * len(conversation._held) == 160 * (waiting + len(words))
 
 
