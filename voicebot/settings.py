@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     # The VAD's sample rate: 8000 (the line's own: Silero's official v6.2 model at 8 kHz, no
     # resampling before it, about 30 % less CPU per window) or 16000 (faster-whisper's Silero
     # v6 on audio resampled 8 -> 16 kHz). media/vad.py.
-    vad_rate: Literal[8000, 16000] = 8000
+    vad_rate: int = 8000
     # At VAD_RATE=16000, 8 -> 16 kHz for the VAD: "soxr" (blocks of ~100 ms) or "halfband"
     # (each frame at once: turns end sooner; barge-in was tuned on soxr). EndpointConfig.
     vad_resampler: Literal["soxr", "halfband"] = "soxr"
@@ -156,6 +156,13 @@ class Settings(BaseSettings):
     max_call_s: float = Field(default=1800.0, gt=0)  # then hung up; end reason max_duration
     send_timeout_s: float = Field(default=10.0, gt=0)  # a peer that stops reading is dropped
     log_level: str = "INFO"
+
+    @field_validator("vad_rate")
+    @classmethod
+    def _vad_rate(cls, value: int) -> int:
+        if value not in (8000, 16000):
+            raise ValueError("must be 8000 or 16000")
+        return value
 
     @field_validator("public_url")
     @classmethod

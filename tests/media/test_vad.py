@@ -125,3 +125,26 @@ def test_a_quiet_block_is_taken_in_one_pass_as_score_run_takes_it(session: Siler
     # A gate under `dbfs`'s floor for digital silence (-120) scores silence: no one pass.
     floor = SileroVad(session, gate_dbfs=-130.0)
     assert not floor.quiet_run(np.zeros((3, session.window), dtype=np.float32))
+
+
+def test_the_vad_rate_setting_picks_the_model_and_the_listeners_windows(monkeypatch) -> None:
+    """`VAD_RATE` from the environment (a string there): 8000 by default, 16000 on request,
+    anything else a settings error naming the key; the factory's VADs say their rate, which
+    the listener follows."""
+    from pipeline.factory import build_vad_factory
+    from pipeline.listener import Listener
+    from voicebot.settings import SettingsError, load_settings
+
+    monkeypatch.delenv("VAD_RATE", raising=False)
+    assert load_settings().vad_rate == 8000
+    for rate, window in (("16000", 512), ("8000", 256)):
+        monkeypatch.setenv("VAD_RATE", rate)
+        settings = load_settings()
+        for kind in ("silero", "energy"):
+            vad = build_vad_factory(settings, kind)()
+            assert vad.sample_rate == int(rate)
+            listener = Listener(vad)
+            assert (listener.rate, listener._window_len) == (int(rate), window)
+    monkeypatch.setenv("VAD_RATE", "11025")
+    with pytest.raises(SettingsError, match="VAD_RATE"):
+        load_settings()
