@@ -416,8 +416,10 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run fixtures whose name contains this")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "turn_taking.json"))
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--vad-rate", type=int, choices=[8000, 16000], default=8000,
+                        help="the VAD's sample rate (the VAD_RATE setting)")
     parser.add_argument("--resampler", choices=["soxr", "halfband"], default="soxr",
-                        help="8 -> 16 kHz for the VAD (the VAD_RESAMPLER setting)")
+                        help="at --vad-rate 16000, 8 -> 16 kHz for the VAD (VAD_RESAMPLER)")
     parser.add_argument("--prepare-lead-ms", type=int, default=None,
                         help="TurnTakingConfig.prepare_lead_ms (default: its default; 0: "
                              "prepare only turns that look complete)")
@@ -433,7 +435,7 @@ def main() -> None:
     if turn_model is None and "smart" in args.modes:
         print("Smart Turn is not installed (pip install --no-deps pipecat-ai): skipping 'smart'")
         args.modes = [m for m in args.modes if m != "smart"]
-    models = Models(SileroSession(), WhisperStt(), turn_model)
+    models = Models(SileroSession(rate=args.vad_rate), WhisperStt(), turn_model)
     models.stt.transcribe(np.zeros(16000, dtype=np.float32))  # type: ignore[attr-defined]
     rows: list[dict] = []
     summaries: dict[str, dict] = {}
@@ -457,7 +459,7 @@ def main() -> None:
         print(f"\n{mode}: cut-offs {s['false_cutoffs']}; missed {s['missed_interruptions']}; "
               f"false barge-ins {s['false_barge_in_noise_names'] + s['false_barge_in_echo_names'] + s['false_barge_in_backchannel_names']}")
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "fixtures": len(fixtures),
-              "modes": args.modes, "resampler": args.resampler,
+              "modes": args.modes, "vad_rate": args.vad_rate, "resampler": args.resampler,
               "prepare_lead_ms": (args.prepare_lead_ms if args.prepare_lead_ms is not None
                                   else TurnTakingConfig().prepare_lead_ms),
               "seconds": round(time.perf_counter() - started, 1),

@@ -111,6 +111,9 @@ class Listener:
         preroll_windows = max(1, int(self.config.preroll_ms / WINDOW_MS))
         self._preroll: deque[np.ndarray] = deque(maxlen=preroll_windows)
         self._utterance: list[np.ndarray] = []
+        # The utterance's last 16 kHz audio (at 8 kHz) and how many windows it holds: a
+        # pause's audio and the end's are often the same windows (both trimmed to the tail).
+        self._resampled: tuple[int, np.ndarray] | None = None
         self._in_speech = False
         self._confirmed = False
         self._paused = False
@@ -286,6 +289,7 @@ class Listener:
         self._confirmed = False
         self._paused = False
         self._utterance = list(self._preroll)
+        self._resampled = None
         self._preroll.clear()
         self._utterance_ms = len(self._utterance) * WINDOW_MS
         self._voiced_run_ms = WINDOW_MS
@@ -309,9 +313,14 @@ class Listener:
             windows = windows[: len(windows) - (silent_windows - keep_tail)]
         if not windows:
             return np.zeros(0, dtype=np.float32)
-        audio = np.concatenate(windows)
-        if self.rate != SAMPLE_RATE:
-            audio = resample(audio, self.rate, SAMPLE_RATE).astype(np.float32, copy=False)
+        if self.rate == SAMPLE_RATE:
+            return np.concatenate(windows)
+        if self._resampled is not None and self._resampled[0] == len(windows):
+            return self._resampled[1]
+        audio = resample(np.concatenate(windows), self.rate, SAMPLE_RATE)
+        audio = audio.astype(np.float32, copy=False)
+        audio.flags.writeable = False  # handed out more than once
+        self._resampled = (len(windows), audio)
         return audio
 
     def _end(self, now: float, events: list[ListenerEvent]) -> None:
