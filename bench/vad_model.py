@@ -1,4 +1,8 @@
-"""Silero VAD per window: the stock graph against the rewritten one (media/silero_graph.py).
+"""Silero VAD per window: the stock graph against the rewritten ones (media/silero_graph.py).
+
+At 16 kHz, faster-whisper's stock v6 graph ("stock") against its rewrite ("fast"); and the
+rewrite of the 8 kHz branch of Silero's official v6.2 model ("fast 8k", `VAD_RATE=8000`,
+256-sample windows of the same audio at 8 kHz).
 
 Times one model run of 1, 3 and 4 consecutive windows (the listener scores a call's windows
 three or four at a time, `SileroVad.score_run`), best of `--repeats` rounds of `--runs` runs,
@@ -27,16 +31,18 @@ sys.path.insert(0, str(ROOT))
 
 from media.audiofile import read_wav  # noqa: E402
 from media.resample import resample  # noqa: E402
-from media.vad import CONTEXT, WINDOW, SileroSession  # noqa: E402
+from media.vad import SileroSession  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "one_two_three.wav"
 
 
-def _rows(count: int) -> np.ndarray:
+def _rows(count: int, session: SileroSession) -> np.ndarray:
     """`count` consecutive voiced windows with their context, as the model takes them."""
-    audio = resample(read_wav(str(FIXTURE), 8000).astype(np.float32) / 32768, 8000, 16000)
-    start = 20 * WINDOW  # inside "one"
-    rows = [audio[start + i * WINDOW - CONTEXT : start + (i + 1) * WINDOW]
+    audio = resample(read_wav(str(FIXTURE), 8000).astype(np.float32) / 32768, 8000,
+                     session.rate)
+    window, context = session.window, session.context
+    start = 20 * window  # inside "one"
+    rows = [audio[start + i * window - context : start + (i + 1) * window]
             for i in range(count)]
     return np.stack(rows).astype(np.float32)
 
@@ -60,22 +66,26 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "vad_model.json"))
     args = parser.parse_args()
 
-    models = {"stock": SileroSession(fast=False), "fast": SileroSession()}
+    models = {"stock": SileroSession(fast=False, rate=16000),
+              "fast": SileroSession(rate=16000), "fast 8k": SileroSession(rate=8000)}
     assert models["fast"].kind == "fast", "the rewritten model did not load (see the log)"
+    assert models["fast 8k"].rate == 8000, "the 8 kHz model did not load (see the log)"
     results = []
-    print(f"{'windows per run':>15} {'stock µs/window':>16} {'fast µs/window':>15} {'ratio':>6}")
+    print(f"{'windows per run':>15} {'stock µs/window':>16} {'fast µs/window':>15} {'ratio':>6}"
+          f" {'fast 8k µs/window':>18} {'8k/fast':>8}")
     for size in args.sizes:
-        rows = _rows(size)
+        rows = {name: _rows(size, session) for name, session in models.items()}
         times: dict[str, list[float]] = {name: [] for name in models}
-        for session in models.values():  # warm up
-            _time(session, rows, 200)
+        for name, session in models.items():  # warm up
+            _time(session, rows[name], 200)
         for _ in range(args.repeats):
             for name, session in models.items():
-                times[name].append(_time(session, rows, args.runs))
+                times[name].append(_time(session, rows[name], args.runs))
         best = {name: min(values) for name, values in times.items()}
         median = {name: statistics.median(values) for name, values in times.items()}
         ratio = best["fast"] / best["stock"]
-        print(f"{size:>15} {best['stock']:>16.1f} {best['fast']:>15.1f} {ratio:>6.2f}")
+        print(f"{size:>15} {best['stock']:>16.1f} {best['fast']:>15.1f} {ratio:>6.2f}"
+              f" {best['fast 8k']:>18.1f} {best['fast 8k'] / best['fast']:>8.2f}")
         results.append({"windows_per_run": size, "best_us_per_window": best,
                         "median_us_per_window": median, "runs": times})
     out = {"machine": platform.processor() or platform.machine(),
