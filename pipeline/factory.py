@@ -61,6 +61,7 @@ def build_vad_factory(settings: Settings, kind: str = "silero"):
             StreamResampler.prepare(8000, 16000)
         return lambda: EnergyVad(sample_rate=rate)
     session = SileroSession(rate=settings.vad_rate)
+    log.info("Silero VAD at %d Hz (%s graph)", session.rate, session.kind)
     if session.rate != 8000:  # asked for, or the 8 kHz model unavailable (logged)
         StreamResampler.prepare(8000, 16000)
 
