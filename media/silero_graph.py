@@ -29,8 +29,8 @@ falls back to the stock one if they disagree (`media/vad.py`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def _check(condition: bool, what: str) -> None:
 def fast_model_bytes(model: Path | str | bytes) -> bytes:
     """The rewritten model, serialized, from the stock one (a file or its bytes)."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     stock = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
     graph = stock.graph
@@ -80,49 +80,60 @@ def fast_model_bytes(model: Path | str | bytes) -> bytes:
     _check(lstm_at is not None and nodes[lstm_at].input[0] == LSTM_INPUT, "LSTM input")
     assert lstm_at is not None
 
-    new_nodes: list[onnx.NodeProto] = []
-    new_weights: dict[str, np.ndarray] = {}
-
-    def const(name: str, value: np.ndarray) -> str:
-        new_weights[name] = value
-        return name
-
-    def node(op: str, inputs: list[str], output: str, **attrs: object) -> str:
-        new_nodes.append(helper.make_node(op, inputs, [output], **attrs))
-        return output
-
+    g = _Graph()
     # The STFT: the stock graph pads 128 on each side by reflection and keeps frames 1..4 of
     # five; those start at 0, 128, 256 and 384 of the window and only reach 64 samples into
     # the right padding.
-    x = _stft(node, const, "input", basis[:, 0, :], BLOCK)
-    x = _encoder(node, const, x, [(weights[f"encoder.conv_layers.{k}.weight"],
-                                   weights[f"encoder.conv_layers.{k}.bias"])
-                                  for k in range(len(LAYER_STRIDES))])
-    node("Reshape", [x, const("fast/lstm_rows", np.array([-1, 1, 128], np.int64))], LSTM_INPUT)
+    x = _stft(g, "input", basis[:, 0, :], BLOCK)
+    x = _encoder(g, x, [(weights[f"encoder.conv_layers.{k}.weight"],
+                         weights[f"encoder.conv_layers.{k}.bias"])
+                        for k in range(len(LAYER_STRIDES))])
+    g.node("Reshape", [x, g.const("fast/lstm_rows", np.array([-1, 1, 128], np.int64))],
+           LSTM_INPUT)
 
-    new_nodes += nodes[lstm_at:]
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(g.nodes + nodes[lstm_at:])
     used = {name for n in graph.node for name in n.input}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name)
-                             for name, value in new_weights.items())
+    graph.initializer.extend(g.initializers())
     onnx.checker.check_model(stock)
     return stock.SerializeToString()  # type: ignore[no-any-return]
 
 
-Node = Callable[..., str]  # node(op, inputs, output, **attributes) -> output
-Const = Callable[[str, np.ndarray], str]  # const(name, value) -> name
+class _Graph:
+    """The nodes and weights of a graph being built. `node` adds a node and returns the name
+    of its (first) output; `const` adds a weight and returns its name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []  # onnx.NodeProto
+        self.weights: dict[str, np.ndarray] = {}
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.weights[name] = value
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, *more: str, **attrs: object) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [output, *more], **attrs))
+        return output
+
+    def initializers(self) -> list[Any]:  # onnx.TensorProto
+        from onnx import numpy_helper
+
+        return [numpy_helper.from_array(np.asarray(value), name)
+                for name, value in self.weights.items()]
 
 
-def _stft(node: Node, const: Const, x: str, basis: np.ndarray, block: int) -> str:
+def _stft(g: _Graph, x: str, basis: np.ndarray, block: int) -> str:
     """The magnitudes of the four STFT frames a window (with its context: 4.5 blocks) gives,
     as rows of (window, frame): the window padded on the right by reflection (half a block),
     cut into five blocks, frames gathered as pairs of blocks and multiplied by the transposed
     basis (`basis`: 2 × bins rows of `2 * block` taps, real then imaginary)."""
     bins = basis.shape[0] // 2
+    node, const = g.node, g.const
     x = node("Pad", [x, const("fast/pads", np.array([0, 0, 0, block // 2], np.int64))],
              "fast/padded", mode="reflect")
     x = node("Reshape", [x, const("fast/blocks", np.array([-1, FRAMES + 1, block], np.int64))],
@@ -140,13 +151,13 @@ def _stft(node: Node, const: Const, x: str, basis: np.ndarray, block: int) -> st
     return node("Sqrt", [x], "fast/magnitude")  # (windows × 4) × bins
 
 
-def _encoder(node: Node, const: Const, x: str,
-             layers: list[tuple[np.ndarray, np.ndarray]]) -> str:
+def _encoder(g: _Graph, x: str, layers: list[tuple[np.ndarray, np.ndarray]]) -> str:
     """The four encoder layers (kernel 3, padding 1, strides `LAYER_STRIDES`, ReLU) over
     the rows of (window, frame): one row of 128 per window out. Each layer's taps are gathered
     from the zero-padded time steps (one Gather with precomputed indices) and go through one
     Gemm with the bias; a layer over one or two time steps keeps only the taps that see
     audio."""
+    node, const = g.node, g.const
     steps = FRAMES
     for k, ((w, bias), stride) in enumerate(zip(layers, LAYER_STRIDES, strict=True)):
         out_ch, in_ch, _ = w.shape  # out × in × 3
@@ -223,26 +234,16 @@ def official_fast_model_bytes(model: Path | str | bytes, rate: int) -> bytes:
         bias = weights.get(f"encoder.{k}.reparam_conv.bias")
         _check(w is not None and bias is not None and w.shape[2] == 3, f"encoder layer {k}")
         layers.append((w, bias))
-    rnn = [weights.get(f"decoder.rnn.{name}")
-           for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-    _check(all(a is not None and a.shape[0] == 512 for a in rnn), "LSTM cell")
+    rnn = [f"decoder.rnn.{name}" for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    _check(all(name in weights and weights[name].shape[0] == 512 for name in rnn), "LSTM cell")
     head_w, head_b = weights.get("decoder.decoder.2.weight"), weights.get("decoder.decoder.2.bias")
     _check(head_w is not None and head_w.shape == (1, 128, 1) and head_b is not None,
            "decoder")
 
-    nodes: list[onnx.NodeProto] = []
-    new_weights: dict[str, np.ndarray] = {}
-
-    def const(name: str, value: np.ndarray) -> str:
-        new_weights[name] = value
-        return name
-
-    def node(op: str, inputs: list[str], output: str, **attrs: object) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], **attrs))
-        return output
-
-    x = _stft(node, const, "input", basis[:, 0, :], block)
-    x = _encoder(node, const, x, layers)
+    g = _Graph()
+    node, const = g.node, g.const
+    x = _stft(g, "input", basis[:, 0, :], block)
+    x = _encoder(g, x, layers)
     x = node("Reshape", [x, const("fast/lstm_rows", np.array([-1, 1, 128], np.int64))],
              "fast/sequence")
 
@@ -250,14 +251,12 @@ def official_fast_model_bytes(model: Path | str | bytes, rate: int) -> bytes:
         i, f, g, o = np.split(a.astype(np.float32), 4, axis=0)
         return np.concatenate([i, o, f, g], axis=0)
 
-    w_ih, w_hh, b_ih, b_hh = rnn
-    nodes.append(helper.make_node(
-        "LSTM", [x, const("fast/lstm_w", gates(w_ih)[None]),  # type: ignore[arg-type]
-                 const("fast/lstm_r", gates(w_hh)[None]),  # type: ignore[arg-type]
-                 const("fast/lstm_b", np.concatenate(
-                     [gates(b_ih), gates(b_hh)])[None]),  # type: ignore[arg-type]
-                 "", "h", "c"],
-        ["fast/lstm_y", "hn", "cn"], hidden_size=128))
+    w_ih, w_hh, b_ih, b_hh = (weights[name] for name in rnn)
+    node("LSTM", [x, const("fast/lstm_w", gates(w_ih)[None]),
+                  const("fast/lstm_r", gates(w_hh)[None]),
+                  const("fast/lstm_b", np.concatenate([gates(b_ih), gates(b_hh)])[None]),
+                  "", "h", "c"],
+         "fast/lstm_y", "hn", "cn", hidden_size=128)
     x = node("Reshape", ["fast/lstm_y", const("fast/y_rows", np.array([-1, 128], np.int64))],
              "fast/y")
     x = node("Relu", [x], "fast/y_relu")
@@ -269,15 +268,14 @@ def official_fast_model_bytes(model: Path | str | bytes, rate: int) -> bytes:
     row = 9 * block // 2
     state = [1, 1, 128]
     fast = helper.make_graph(
-        nodes, f"silero_v6_2_{rate}_fast",
+        g.nodes, f"silero_v6_2_{rate}_fast",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["windows", row]),
          helper.make_tensor_value_info("h", TensorProto.FLOAT, state),
          helper.make_tensor_value_info("c", TensorProto.FLOAT, state)],
         [helper.make_tensor_value_info("speech_probs", TensorProto.FLOAT, ["windows"]),
          helper.make_tensor_value_info("hn", TensorProto.FLOAT, state),
          helper.make_tensor_value_info("cn", TensorProto.FLOAT, state)],
-        [numpy_helper.from_array(np.asarray(value), name)
-         for name, value in new_weights.items()])
+        g.initializers())
     result = helper.make_model(fast, opset_imports=[helper.make_opsetid("", 17)])
     result.ir_version = 8
     onnx.checker.check_model(result)
