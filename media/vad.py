@@ -207,6 +207,21 @@ def _fast_session(stock: Any) -> Any | None:
         return None
 
 
+def official_steps(official: Any, rows: np.ndarray, h: np.ndarray, c: np.ndarray,
+                   rate: int) -> list[np.ndarray]:
+    """Silero's official graph (`official`, a session of `official_model_path()`) over
+    consecutive `rows` (windows with their context) a window at a time, its state (2 × 1 ×
+    128: h over c) carried from step to step: [probabilities (n), hn, cn], as the rewritten
+    graph returns them for the rows in one run."""
+    state = np.concatenate([h, c])
+    probs = []
+    for row in rows:
+        out, state = official.run(None, {"input": row[None], "state": state,
+                                         "sr": np.array(rate, dtype=np.int64)})
+        probs.append(out[0, 0])
+    return [np.array(probs, dtype=np.float32), state[:1], state[1:]]
+
+
 def _official_fast_session(rate: int) -> Any | None:
     """Silero's official model at `rate` as a sequence graph (`official_fast_model_bytes`),
     if it builds and agrees with the official graph on the probe, which that graph runs a
@@ -220,14 +235,7 @@ def _official_fast_session(rate: int) -> Any | None:
         probes, state = _probe(rate)
         for rows in probes:
             got = session.run(None, {"input": rows, "h": state, "c": state})
-            both = np.concatenate([state, state])
-            probs = []
-            for row in rows:
-                out, both = official.run(None, {"input": row[None], "state": both,
-                                                "sr": np.array(rate, dtype=np.int64)})
-                probs.append(out[0, 0])
-            want = [np.array(probs, dtype=np.float32), both[:1], both[1:]]
-            if not _agrees(want, got):
+            if not _agrees(official_steps(official, rows, state, state, rate), got):
                 raise ValueError("the rewritten model disagrees with the official one")
         return session
     except Exception as exc:  # any failure leaves the 16 kHz model, which always works

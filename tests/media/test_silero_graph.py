@@ -17,6 +17,7 @@ from media.vad import (
     SileroSession,
     SileroVad,
     official_model_path,
+    official_steps,
     silero_model_path,
 )
 
@@ -109,18 +110,10 @@ def test_another_graph_is_refused() -> None:
 
 def test_a_rewrite_that_disagrees_falls_back_to_the_stock_model(monkeypatch, caplog) -> None:
     """Whatever goes wrong in the rewrite, the VAD still runs: on the stock model."""
-    import onnx
-    from onnx import numpy_helper
-
     real = silero_graph.fast_model_bytes
 
     def off_by_a_little(path: object) -> bytes:
-        model = onnx.load_from_string(real(path))  # type: ignore[arg-type]
-        for init in model.graph.initializer:
-            if init.name == "fast/layer0/bias":
-                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.01,
-                                                      init.name))
-        return model.SerializeToString()  # type: ignore[no-any-return]
+        return _nudged(real(path), "fast/layer0/bias", 0.01)  # type: ignore[arg-type]
 
     monkeypatch.setattr(silero_graph, "fast_model_bytes", off_by_a_little)
     with caplog.at_level(logging.WARNING, logger=vad.__name__):
@@ -143,13 +136,20 @@ def test_a_rewrite_that_disagrees_falls_back_to_the_stock_model(monkeypatch, cap
 def _official_one_by_one(rows: np.ndarray, h: np.ndarray, c: np.ndarray,
                          rate: int = 8000) -> tuple[list[float], np.ndarray]:
     official = SileroSession._load(str(official_model_path()))
-    state = np.concatenate([h, c])
-    probs = []
-    for row in rows:
-        out, state = official.run(None, {"input": row[None], "state": state,
-                                         "sr": np.array(rate, dtype=np.int64)})
-        probs.append(float(out[0, 0]))
-    return probs, state
+    probs, hn, cn = official_steps(official, rows, h, c, rate)
+    return probs.tolist(), np.concatenate([hn, cn])
+
+
+def _nudged(model: bytes, weight: str, by: float) -> bytes:
+    """`model` with `by` added to one of its weights: a rewrite that is slightly wrong."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(model)
+    for init in graph.graph.initializer:
+        if init.name == weight:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + by, init.name))
+    return graph.SerializeToString()  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("wav", ["one_two_three.wav", "open_hours.wav", "click.wav"])
@@ -197,18 +197,10 @@ def test_the_official_16k_branch_builds_the_same_way(fixtures_dir) -> None:
 
 def test_an_8k_rewrite_that_disagrees_falls_back_to_16k(monkeypatch, caplog) -> None:
     """The VAD still runs, at 16 kHz (the listener follows the session's rate)."""
-    import onnx
-    from onnx import numpy_helper
-
     real = silero_graph.official_fast_model_bytes
 
     def off_by_a_little(path: object, rate: int) -> bytes:
-        model = onnx.load_from_string(real(path, rate))  # type: ignore[arg-type]
-        for init in model.graph.initializer:
-            if init.name == "fast/head_bias":
-                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.05,
-                                                      init.name))
-        return model.SerializeToString()  # type: ignore[no-any-return]
+        return _nudged(real(path, rate), "fast/head_bias", 0.05)  # type: ignore[arg-type]
 
     monkeypatch.setattr(silero_graph, "official_fast_model_bytes", off_by_a_little)
     with caplog.at_level(logging.WARNING, logger=vad.__name__):
