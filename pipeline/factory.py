@@ -57,17 +57,19 @@ def build_vad_factory(settings: Settings, kind: str = "silero"):
 
     if kind == "energy":
         rate = settings.vad_rate
-        if rate != 8000:
-            StreamResampler.prepare(8000, 16000)
-        return lambda: EnergyVad(sample_rate=rate)
-    session = SileroSession(rate=settings.vad_rate)
-    log.info("Silero VAD at %d Hz (%s graph)", session.rate, session.kind)
-    if session.rate != 8000:  # asked for, or the 8 kHz model unavailable (logged)
+
+        def make() -> Vad:
+            return EnergyVad(sample_rate=rate)
+    else:
+        session = SileroSession(rate=settings.vad_rate)
+        # Its rate: the one asked for, or 16 kHz if the 8 kHz model was unavailable (logged).
+        rate = session.rate
+        log.info("Silero VAD at %d Hz (%s graph)", rate, session.kind)
+
+        def make() -> Vad:
+            return SileroVad(session, gate_dbfs=settings.energy_gate_dbfs)
+    if rate != 8000:
         StreamResampler.prepare(8000, 16000)
-
-    def make() -> Vad:
-        return SileroVad(session, gate_dbfs=settings.energy_gate_dbfs)
-
     return make
 
 
