@@ -194,9 +194,8 @@ class Listener:
         so a threshold of silence longer than the windows that waited (96 ms; the shortest,
         the speculative pause, is 200) is crossed on the same frame as without holding."""
         now = time.monotonic() if now is None else now
-        if self._resampler is None:
-            audio = pcm8k.astype(np.float32)
-            audio *= 1.0 / 32768.0
+        if self._resampler is None:  # int16 to float32 [-1, 1) in one pass
+            audio = np.multiply(pcm8k, np.float32(1.0 / 32768.0), dtype=np.float32)
         else:
             audio = self._resampler.process(pcm8k)  # int16 in, float32 [-1, 1) out
         if not audio.size:
