@@ -208,6 +208,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 20, 200])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vad-kernel", choices=["native", "onnx"], default="native",
+                        help="at 8 kHz, what runs Silero (VAD_KERNEL)")
     parser.add_argument("--vad-rate", type=int, choices=[8000, 16000], default=8000,
                         help="the VAD's sample rate (the VAD_RATE setting)")
     parser.add_argument("--resampler", choices=["soxr", "halfband"], default="soxr",
@@ -230,7 +232,7 @@ def main() -> None:
                              "block, heard on its own): where a frame's time goes")
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # the actions' coroutines, never awaited
-    silero = SileroSession(rate=args.vad_rate)
+    silero = SileroSession(rate=args.vad_rate, native=args.vad_kernel == "native")
     if args.once is not None:
         calls = feed(make_calls(args.once, silero, args.resampler), args.through,
                      args.hold == "on")

@@ -29,6 +29,7 @@ falls back to the stock one if they disagree (`media/vad.py`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,6 @@ LSTM_INPUT = "/Transpose_output_0"  # the stock encoder's output, laid out for t
 LAYER_STRIDES = (1, 2, 2, 1)  # the encoder's four convolutions
 FRAMES = 4  # STFT frames per window that reach the encoder
 BLOCK = 128  # the STFT's hop
-ROW = 576  # a window with its context
 
 
 class UnsupportedGraph(ValueError):
@@ -193,19 +193,28 @@ def _encoder(g: _Graph, x: str, layers: list[tuple[np.ndarray, np.ndarray]]) -> 
 OFFICIAL_BLOCKS = {8000: 64, 16000: 128}
 
 
-def official_fast_model_bytes(model: Path | str | bytes, rate: int) -> bytes:
-    """One sample rate of Silero's official ONNX model (silero-vad 6.2's `silero_vad.onnx`,
-    both rates behind an `If` on its `sr` input, one window per stream and step) as a graph
-    of the shape this module's rewrite has: inputs `input` (n × 4.5 blocks: consecutive
-    windows of one stream with their context), `h` and `c` (1 × 1 × 128); outputs
-    `speech_probs` (n), `hn` and `cn`. The encoder is the rewrite's; the LSTM cell the
-    official graph spells out in elementwise steps becomes one LSTM node run over the rows as
-    a sequence (its gates reordered from PyTorch's i, f, g, o to ONNX's i, o, f, c), so a
-    call's windows go through in one run as with faster-whisper's export. The weights are
-    read from the branch for `rate`; the result is checked against the official graph at
-    start-up (`media.vad`), not here."""
+@dataclass(frozen=True)
+class OfficialWeights:
+    """One sample rate's weights from Silero's official model (silero-vad 6.2's
+    `silero_vad.onnx`): what `official_fast_model_bytes` and the compiled forward pass
+    (`media.silero_native`) are built from."""
+
+    block: int  # the STFT's hop
+    basis: np.ndarray  # 2 × bins rows of 2 × block taps, real then imaginary
+    layers: list[tuple[np.ndarray, np.ndarray]]  # the encoder's (weight out × in × 3, bias)
+    w_ih: np.ndarray  # the LSTM cell's, PyTorch's gate order i, f, g, o: 512 × 128
+    w_hh: np.ndarray
+    b_ih: np.ndarray
+    b_hh: np.ndarray
+    head_w: np.ndarray  # the decoder's 128 weights
+    head_b: float
+
+
+def official_weights(model: Path | str | bytes, rate: int) -> OfficialWeights:
+    """The weights of the official model's branch for `rate` (both rates sit behind an `If`
+    on its `sr` input), after checking their shapes (`UnsupportedGraph` otherwise)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     block = OFFICIAL_BLOCKS.get(rate)
     if block is None:
@@ -233,17 +242,42 @@ def official_fast_model_bytes(model: Path | str | bytes, rate: int) -> bytes:
         w = weights.get(f"encoder.{k}.reparam_conv.weight")
         bias = weights.get(f"encoder.{k}.reparam_conv.bias")
         _check(w is not None and bias is not None and w.shape[2] == 3, f"encoder layer {k}")
-        layers.append((w, bias))
+        assert w is not None and bias is not None
+        layers.append((w.astype(np.float32), bias.astype(np.float32)))
+    _check([w.shape[:2] for w, _ in layers] == [(128, block + 1), (64, 128), (64, 64),
+                                                (128, 64)], "encoder shapes")
     rnn = [f"decoder.rnn.{name}" for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     _check(all(name in weights and weights[name].shape[0] == 512 for name in rnn), "LSTM cell")
     head_w, head_b = weights.get("decoder.decoder.2.weight"), weights.get("decoder.decoder.2.bias")
     _check(head_w is not None and head_w.shape == (1, 128, 1) and head_b is not None,
            "decoder")
+    assert head_w is not None and head_b is not None
+    w_ih, w_hh, b_ih, b_hh = (weights[name].astype(np.float32) for name in rnn)
+    return OfficialWeights(block, basis[:, 0, :].astype(np.float32), layers, w_ih, w_hh,
+                           b_ih, b_hh, head_w[0, :, 0].astype(np.float32),
+                           float(head_b.reshape(-1)[0]))
 
+
+def official_fast_model_bytes(model: Path | str | bytes, rate: int) -> bytes:
+    """One sample rate of Silero's official ONNX model (silero-vad 6.2's `silero_vad.onnx`,
+    both rates behind an `If` on its `sr` input, one window per stream and step) as a graph
+    of the shape this module's rewrite has: inputs `input` (n × 4.5 blocks: consecutive
+    windows of one stream with their context), `h` and `c` (1 × 1 × 128); outputs
+    `speech_probs` (n), `hn` and `cn`. The encoder is the rewrite's; the LSTM cell the
+    official graph spells out in elementwise steps becomes one LSTM node run over the rows as
+    a sequence (its gates reordered from PyTorch's i, f, g, o to ONNX's i, o, f, c), so a
+    call's windows go through in one run as with faster-whisper's export. The weights are
+    read from the branch for `rate` (`official_weights`); the result is checked against the
+    official graph at start-up (`media.vad`), not here."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weights = official_weights(model, rate)
+    block = weights.block
     g = _Graph()
     node, const = g.node, g.const
-    x = _stft(g, "input", basis[:, 0, :], block)
-    x = _encoder(g, x, layers)
+    x = _stft(g, "input", weights.basis, block)
+    x = _encoder(g, x, weights.layers)
     x = node("Reshape", [x, const("fast/lstm_rows", np.array([-1, 1, 128], np.int64))],
              "fast/sequence")
 
@@ -251,7 +285,7 @@ def official_fast_model_bytes(model: Path | str | bytes, rate: int) -> bytes:
         i, f, g, o = np.split(a.astype(np.float32), 4, axis=0)
         return np.concatenate([i, o, f, g], axis=0)
 
-    w_ih, w_hh, b_ih, b_hh = (weights[name] for name in rnn)
+    w_ih, w_hh, b_ih, b_hh = weights.w_ih, weights.w_hh, weights.b_ih, weights.b_hh
     node("LSTM", [x, const("fast/lstm_w", gates(w_ih)[None]),
                   const("fast/lstm_r", gates(w_hh)[None]),
                   const("fast/lstm_b", np.concatenate([gates(b_ih), gates(b_hh)])[None]),
@@ -260,8 +294,9 @@ def official_fast_model_bytes(model: Path | str | bytes, rate: int) -> bytes:
     x = node("Reshape", ["fast/lstm_y", const("fast/y_rows", np.array([-1, 128], np.int64))],
              "fast/y")
     x = node("Relu", [x], "fast/y_relu")
-    x = node("Gemm", [x, const("fast/head", np.ascontiguousarray(head_w[:, :, 0].T)),
-                      const("fast/head_bias", head_b)], "fast/logit")
+    x = node("Gemm", [x, const("fast/head", weights.head_w[:, None].copy()),
+                      const("fast/head_bias", np.array([weights.head_b], np.float32))],
+             "fast/logit")
     x = node("Sigmoid", [x], "fast/prob")
     node("Reshape", [x, const("fast/flat", np.array([-1], np.int64))], "speech_probs")
 

@@ -24,9 +24,12 @@ import logging
 import math
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from media.silero_native import NativeSilero
 
 WINDOW = 512  # samples at 16 kHz = 32 ms
 CONTEXT = 64
@@ -112,10 +115,15 @@ class SileroSession:
     the stock model is used; if the 8 kHz one cannot, the session falls back to 16 kHz (the
     listener follows `rate`); each with a warning logged. `kind` says which one runs ("fast",
     "stock" or "given"), `rate`, `window` and `context` at what shape.
+
+    At 8000 with `native` (the default), the windows go through the compiled forward pass
+    (`media.silero_native`, `native` holds it; kind "native") when the extension is built and
+    agrees with the official graph on the same probe; otherwise through ONNX Runtime's
+    graph, as `native=False` asks. `session` is the ONNX Runtime graph either way.
     """
 
     def __init__(self, model: Path | bytes | None = None, *, fast: bool = True,
-                 rate: int = 8000) -> None:
+                 rate: int = 8000, native: bool = True) -> None:
         """`model`: an ONNX file, or a serialized model, of faster-whisper's export's shape
         (inputs input, h, c) at `rate`, used as it is; by default the one `rate` calls for."""
         if rate not in SHAPES:
@@ -137,6 +145,11 @@ class SileroSession:
                     self.session, self.kind = faster, "fast"
         self.rate = rate
         self.window, self.context = SHAPES[rate]
+        self.native: NativeSilero | None = None
+        if native and self.kind == "fast" and rate == 8000:
+            self.native = _official_native(rate)
+            if self.native is not None:
+                self.kind = "native"
         self.silence_state = self._settle_on_silence()
 
     @staticmethod
@@ -244,6 +257,31 @@ def _official_fast_session(rate: int) -> Any | None:
         return None
 
 
+def _official_native(rate: int) -> NativeSilero | None:
+    """The compiled forward pass over the official model at `rate`, if the extension is built
+    and agrees with the official graph on the probe; else None (logged)."""
+    from media import silero_native
+
+    if not silero_native.available():
+        log.info("Silero VAD: the compiled forward pass is not built; using ONNX Runtime")
+        return None
+    try:
+        path = official_model_path()
+        model = silero_native.native_model(path, rate)
+        official = SileroSession._load(str(path))
+        probes, state = _probe(rate)
+        for rows in probes:
+            h, c = state.copy(), state.copy()
+            probs = np.zeros(len(rows), dtype=np.float32)
+            model.run(rows, h, c, probs)
+            if not _agrees(official_steps(official, rows, state, state, rate), [probs, h, c]):
+                raise ValueError("the compiled forward pass disagrees with the official graph")
+        return model
+    except Exception as exc:  # ONNX Runtime's graph always works
+        log.warning("Silero VAD: using ONNX Runtime (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
 class SileroVad:
     """Streaming Silero VAD for one audio stream, behind an energy gate.
 
@@ -255,6 +293,7 @@ class SileroVad:
 
     def __init__(self, model: SileroSession, gate_dbfs: float = -50.0) -> None:
         self._session = model.session
+        self._native = model.native  # the compiled forward pass, if it runs the model
         self.sample_rate = model.rate
         self._context = context = model.context
         self._silence_h, self._silence_c = model.silence_state
@@ -267,14 +306,18 @@ class SileroVad:
         self._cn = np.zeros_like(self._c)
         # The model's input and output arrays by run length, each with its I/O binding: one
         # window in `_input` itself, longer runs in their own arrays, bound on first use.
-        self._runs: dict[int, tuple[np.ndarray, np.ndarray, object]] = {
+        self._runs: dict[int, tuple[np.ndarray, np.ndarray, Any]] = {
             1: (self._input, self._prob, self._bind(self._input, self._prob))}
         self.reset()
 
-    def _bind(self, rows: np.ndarray, probs: np.ndarray) -> object:
-        """An I/O binding of `rows` (n × context + window) and `probs` (n) with this stream's state."""
+    def _bind(self, rows: np.ndarray, probs: np.ndarray) -> Any:
+        """An I/O binding of `rows` (n × context + window) and `probs` (n) with this stream's
+        state: ONNX Runtime's, or the compiled forward pass's (which updates the state in
+        place)."""
         import onnxruntime
 
+        if self._native is not None:
+            return self._native.bind(rows, self._h, self._c, probs)
         binding = self._session.io_binding()
         for name, array in (("input", rows), ("h", self._h), ("c", self._c)):
             # On the CPU an OrtValue wraps the numpy buffer: writing the array feeds the model.
@@ -365,12 +408,15 @@ class SileroVad:
         if n > 1:  # each later row's context is the end of the window before it
             rows[1:, :context] = windows[:-1, -context:]
         rows[:, context:] = windows
-        self._session.run_with_iobinding(binding)
+        if self._native is not None:
+            binding.run()  # the state updated in place
+        else:
+            self._session.run_with_iobinding(binding)
+            np.copyto(self._h, self._hn)
+            np.copyto(self._c, self._cn)
         if n > 1:  # one window is scored in `_input` itself; after more, it takes the last
             self._input[0, context:] = windows[-1]
         self._settled = False
-        np.copyto(self._h, self._hn)
-        np.copyto(self._c, self._cn)
         return out.tolist()  # type: ignore[no-any-return]
 
 

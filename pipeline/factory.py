@@ -61,10 +61,12 @@ def build_vad_factory(settings: Settings, kind: str = "silero"):
         def make() -> Vad:
             return EnergyVad(sample_rate=rate)
     else:
-        session = SileroSession(rate=settings.vad_rate)
+        session = SileroSession(rate=settings.vad_rate, native=settings.vad_kernel == "native")
         # Its rate: the one asked for, or 16 kHz if the 8 kHz model was unavailable (logged).
         rate = session.rate
-        log.info("Silero VAD at %d Hz (%s graph)", rate, session.kind)
+        log.info("Silero VAD at %d Hz (%s)", rate, {"native": "compiled forward pass",
+                                                    "fast": "fast graph"}.get(session.kind,
+                                                                              session.kind))
 
         def make() -> Vad:
             return SileroVad(session, gate_dbfs=settings.energy_gate_dbfs)

@@ -87,7 +87,8 @@ vb_ensure_venv() {
 # install maps only the packages present at install time), the interpreter and this script.
 vb_install_hash() {
     {
-        cat "$VB_ROOT/pyproject.toml" "$VB_ROOT/setup.py" "$VB_ROOT/telephony/_fastmedia.c"
+        cat "$VB_ROOT/pyproject.toml" "$VB_ROOT/setup.py" "$VB_ROOT/telephony/_fastmedia.c" \
+            "$VB_ROOT/media/_silero.c"
         (cd "$VB_ROOT" && compgen -G '*/__init__.py' | sort) || true
         "$VENV/bin/python" -V 2>&1
         echo "rev=$VB_SETUP_REV $VB_SMOLLM2_SPEC $VB_TURN_SPEC"

@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     # resampling before it: turns end ~60 ms sooner) or 16000 (faster-whisper's Silero v6 on
     # audio resampled 8 -> 16 kHz). media/vad.py.
     vad_rate: int = 8000
+    # At 8000, what runs Silero: "native" (its forward pass in C, media/_silero.c: about a
+    # third of ONNX Runtime's time for a lone window; checked against the official graph at
+    # start-up, ONNX Runtime if it disagrees or was not built) or "onnx" (ONNX Runtime).
+    vad_kernel: Literal["native", "onnx"] = "native"
     # At VAD_RATE=16000, 8 -> 16 kHz for the VAD: "soxr" (blocks of ~100 ms) or "halfband"
     # (each frame at once: turns end sooner; barge-in was tuned on soxr). EndpointConfig.
     vad_resampler: Literal["soxr", "halfband"] = "soxr"

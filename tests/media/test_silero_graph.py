@@ -2,6 +2,7 @@
 v6 at 16 kHz, and the 8 kHz branch of Silero's official v6.2 model."""
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -152,14 +153,39 @@ def _nudged(model: bytes, weight: str, by: float) -> bytes:
     return graph.SerializeToString()  # type: ignore[no-any-return]
 
 
+Run = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _rewrite_8k(kernel: str) -> tuple[SileroSession, Run]:
+    """The 8 kHz session, and a run of its rewrite: ONNX Runtime's graph ("fast"), or the
+    compiled forward pass ("native")."""
+    fast8 = SileroSession(native=kernel == "native")
+    assert (fast8.kind, fast8.rate, fast8.window, fast8.context) == (kernel, 8000, 256, 32)
+    if kernel == "fast":
+        assert fast8.native is None
+        return fast8, lambda run, h, c: tuple(fast8.session.run(None, {"input": run, "h": h,
+                                                                        "c": c}))
+    native = fast8.native
+    assert native is not None
+
+    def run_native(run: np.ndarray, h: np.ndarray, c: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        h, c = h.copy(), c.copy()
+        probs = np.zeros(len(run), dtype=np.float32)
+        native.run(np.ascontiguousarray(run), h, c, probs)
+        return probs, h, c
+    return fast8, run_native
+
+
+@pytest.mark.parametrize("kernel", ["fast", "native"])
 @pytest.mark.parametrize("wav", ["one_two_three.wav", "open_hours.wav", "click.wav"])
-def test_the_8k_rewrite_scores_real_audio_as_the_official_model_does(fixtures_dir,
-                                                                     wav: str) -> None:
+def test_the_8k_rewrite_scores_real_audio_as_the_official_model_does(fixtures_dir, wav: str,
+                                                                     kernel: str) -> None:
     """A phone line's audio (μ-law, no resampling) in runs of 1 to 4 windows through the
-    rewrite, against the official graph a window at a time: the same probabilities and
-    states to float rounding, the same decisions."""
-    fast8 = SileroSession()
-    assert (fast8.kind, fast8.rate, fast8.window, fast8.context) == ("fast", 8000, 256, 32)
+    rewrite (ONNX Runtime's graph, and the compiled forward pass), against the official graph
+    a window at a time: the same probabilities and states to float rounding, the same
+    decisions."""
+    fast8, run_8k = _rewrite_8k(kernel)
     pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(str(fixtures_dir / wav), 8000)))
     audio = np.concatenate([np.zeros(32, np.float32), pcm.astype(np.float32) / 32768])
     count = (len(audio) - 32) // 256
@@ -171,7 +197,7 @@ def test_the_8k_rewrite_scores_real_audio_as_the_official_model_does(fixtures_di
     sizes = [1, 3, 4, 3, 2]
     while at < count:
         run = rows[at : at + sizes[turn % len(sizes)]]
-        probs, h, c = fast8.session.run(None, {"input": run, "h": h, "c": c})
+        probs, h, c = run_8k(run, h, c)
         got += probs.tolist()
         at += len(run)
         turn += 1

@@ -7,11 +7,14 @@ from media.resample import resample
 from media.vad import SileroSession, SileroVad, dbfs
 
 
-@pytest.fixture(scope="module", params=[8000, 16000])
+@pytest.fixture(scope="module", params=["8k", "8k-onnx", "16k"])
 def session(request) -> SileroSession:
-    """Both rates: the 8 kHz model (the default) and faster-whisper's 16 kHz one."""
-    session = SileroSession(rate=request.param)
-    assert session.rate == request.param
+    """Both rates: the 8 kHz model (the default: the compiled forward pass; and in ONNX
+    Runtime) and faster-whisper's 16 kHz one."""
+    rate = 16000 if request.param == "16k" else 8000
+    session = SileroSession(rate=rate, native=request.param == "8k")
+    assert session.rate == rate
+    assert session.kind == {"8k": "native", "8k-onnx": "fast", "16k": "fast"}[request.param]
     return session
 
 
@@ -63,8 +66,13 @@ class _OneRunPerWindow:
         if dbfs(window) < self._gate:
             self._h, self._c = (state.copy() for state in self._session.silence_state)
             return 0.0
-        prob, self._h, self._c = self._session.session.run(  # type: ignore[attr-defined]
-            None, {"input": row, "h": self._h, "c": self._c})
+        native = self._session.native
+        if native is not None:  # the compiled forward pass, the state updated in place
+            prob = np.zeros(1, dtype=np.float32)
+            native.run(row, self._h, self._c, prob)
+        else:
+            prob, self._h, self._c = self._session.session.run(  # type: ignore[attr-defined]
+                None, {"input": row, "h": self._h, "c": self._c})
         return float(prob.ravel()[0])
 
 
