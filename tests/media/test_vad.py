@@ -156,3 +156,26 @@ def test_the_vad_rate_setting_picks_the_model_and_the_listeners_windows(monkeypa
     monkeypatch.setenv("VAD_RATE", "11025")
     with pytest.raises(SettingsError, match="VAD_RATE"):
         load_settings()
+
+
+def test_the_vad_kernel_setting_picks_what_runs_silero(monkeypatch, caplog) -> None:
+    """`VAD_KERNEL`: the compiled forward pass by default, ONNX Runtime on request (the start-up
+    log says which), anything else a settings error naming the key."""
+    import logging
+
+    from pipeline import factory
+    from voicebot.settings import SettingsError, load_settings
+
+    monkeypatch.delenv("VAD_RATE", raising=False)
+    monkeypatch.delenv("VAD_KERNEL", raising=False)
+    assert load_settings().vad_kernel == "native"
+    for kernel, says in (("onnx", "fast graph"), ("native", "compiled forward pass")):
+        monkeypatch.setenv("VAD_KERNEL", kernel)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=factory.__name__):
+            vad = factory.build_vad_factory(load_settings())()
+        assert f"Silero VAD at 8000 Hz ({says})" in caplog.text
+        assert (vad._native is not None) == (kernel == "native")  # type: ignore[attr-defined]
+    monkeypatch.setenv("VAD_KERNEL", "gpu")
+    with pytest.raises(SettingsError, match="VAD_KERNEL"):
+        load_settings()
