@@ -33,7 +33,7 @@ the step (`connected` < N), and CPU per call-second is over the calls taken. `--
 sets how fast calls connect before the window (100 a second by default).
 
 Before each run, the machine's speed of the moment is taken with `bench/frame_path.py --calls
-200 --repeats 1` (about 8 s; `--no-reference` skips it): the in-process media path's µs per
+200 --repeats 1 --vad-kernel onnx` (about 8 s; `--no-reference` skips it): the in-process media path's µs per
 frame, reported as `reference_us_per_frame` ("ref µs"). Virtual machines here have differed
 by a third in speed, and one machine has drifted by as much between two runs; the reference
 says which runs can be compared.
@@ -341,9 +341,12 @@ COLUMNS = [("calls", "N", 5), ("connected", "took", 5), ("cpu_ms_per_call_s", "c
 
 def reference_us_per_frame() -> float | None:
     """The machine's speed now: `bench/frame_path.py`'s µs per frame for 200 calls (one run,
-    in a process of its own, before the server starts); None if it could not run."""
+    in a process of its own, before the server starts); None if it could not run. Silero runs
+    in ONNX Runtime there (`--vad-kernel onnx`), as it did for every reference before the
+    compiled forward pass, so references stay comparable across sessions."""
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "frame_path.py"), "--calls",
-                           "200", "--repeats", "1"], capture_output=True, text=True,
+                           "200", "--repeats", "1", "--vad-kernel", "onnx"],
+                          capture_output=True, text=True,
                           timeout=300, check=False)
     try:
         return float(done.stdout.strip().splitlines()[-1].split()[2])
