@@ -8,6 +8,13 @@ endpoint, STT compute, LLM first token / first sentence, TTS first chunk, own ov
 
     .venv/bin/python bench/call_latency.py --calls 5
     .venv/bin/python bench/call_latency.py --url http://127.0.0.1:8000 --calls 5
+
+The server's numbers for a caller turn are those of the server turn that answered it: the
+last caller utterance the server stored that began while the caller was speaking that turn
+(wall clock: the server runs on this machine). So a turn the server heard as two (it replied
+to "Great." before the rest came) is matched to its second part, the one the caller's V2V
+runs to, and the turns after it stay matched; a caller turn the server stored nothing for
+shows none ("server_turn" null in the JSON).
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -28,7 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from telephony.simulator import CallerTurn, SimulatedCaller  # noqa: E402
+from telephony.simulator import CallerTurn, SimulatedCaller, TurnResult  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 DEFAULT_WAVS = ["open_hours.wav", "book_table.wav", "prices.wav", "goodbye.wav"]
@@ -40,6 +48,23 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[index]
+
+
+def server_turns(turns: Sequence[TurnResult], utterances: Sequence[dict[str, object]],
+                 wall_minus_monotonic: float) -> list[int | None]:
+    """For each caller turn (the simulator's monotonic clock), the number of the server turn
+    that answered it: the last caller utterance the server heard begin between the turn's
+    first voiced frame (less 0.2 s of slack) and 0.3 s after its last (a window is heard when
+    the frame that completes it arrives), or None."""
+    heard = [(datetime.fromisoformat(str(u["started_at"])).timestamp(), int(u["turn"]))  # type: ignore[call-overload]
+             for u in utterances if u.get("role") == "caller"]
+    out: list[int | None] = []
+    for turn in turns:
+        start = turn.speech_started_at + wall_minus_monotonic - 0.2
+        end = turn.speech_ended_at + wall_minus_monotonic + 0.3
+        inside = [number for at, number in heard if start <= at <= end]
+        out.append(inside[-1] if inside else None)
+    return out
 
 
 @contextlib.asynccontextmanager
@@ -66,16 +91,20 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         for n in range(args.calls):
             caller = SimulatedCaller(media_url, pace=args.pace)
             turns = [CallerTurn(wav=str(FIXTURES / w)) for w in args.wavs]
+            wall_minus_monotonic = time.time() - time.monotonic()
             result = await caller.run(turns)
             if result.greeting_latency_ms is not None:
                 greetings.append(result.greeting_latency_ms)
             await asyncio.sleep(0.5)  # let the recorder write the last turn
             detail = (await http.get(f"/api/calls/{caller.call_sid}")).json()
             metrics = {m["turn"]: m for m in detail.get("metrics", [])}
-            caller_texts = [u["text"] for u in detail.get("utterances", []) if u["role"] == "caller"]
-            for index, turn in enumerate(result.turns, start=1):
-                server = metrics.get(index, {})
-                row = {"call": n, "turn": index, "wav": turn.label,
+            utterances = detail.get("utterances", [])
+            caller_texts = [u["text"] for u in utterances if u["role"] == "caller"]
+            matched = server_turns(result.turns, utterances, wall_minus_monotonic)
+            for index, (turn, number) in enumerate(zip(result.turns, matched, strict=True),
+                                                   start=1):
+                server = metrics.get(number, {}) if number is not None else {}
+                row = {"call": n, "turn": index, "server_turn": number, "wav": turn.label,
                        "client_v2v_ms": turn.latency_ms,
                        **{part: server.get(part) for part in PARTS}}
                 rows.append(row)
