@@ -154,3 +154,33 @@ async def test_a_live_reply_goes_before_a_summary_and_the_summary_still_finishes
     text = await asyncio.wait_for(summary, 60)
     assert "1" in text and llm.preemptions == before + 1
     assert first_token_s < 1.0, first_token_s  # a whole summary takes seconds
+
+
+async def test_a_summary_keeps_to_one_thread_and_the_last_context() -> None:
+    """Background work leaves the first context (whose kept prompt the next call's first reply
+    extends) and the other core to the replies: a summary runs on one thread in the last
+    context, and a reply that comes meanwhile gets the first context, never overbooking the
+    two cores (a summary cannot be stopped while it reads its prompt)."""
+    llm = LlamaCppLlm(parallel=2, n_threads=2, temperature=0.0)
+    await asyncio.to_thread(llm.warm_up, DEFAULT_SYSTEM_PROMPT)
+    set_to: dict[int, list[int]] = {0: [], 1: []}  # each context's thread counts, in order
+    for index, context in enumerate(llm._contexts):
+        def record(threads: int, index=index, set_=context.use_threads) -> None:
+            set_to[index].append(threads)
+            set_(threads)
+        context.use_threads = record  # type: ignore[method-assign]
+    try:
+        counting = [ChatMessage("user", "Count from 1 to 200, separated by commas.")]
+        summary = asyncio.create_task(llm.complete(counting, max_tokens=60))
+        while llm._background is None:  # noqa: ASYNC110 (the summary is generating)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert set_to[0] == [] and set(set_to[1]) == {1}
+        reply = [delta async for delta in llm.stream(MESSAGES)]
+        assert "".join(reply).strip()
+        assert set_to[0]  # the reply ran in the first context
+        assert set(set_to[1]) == {1}
+        assert (await asyncio.wait_for(summary, 60)).strip()
+        assert set(set_to[1]) == {1}
+    finally:
+        llm.close()
