@@ -20,6 +20,7 @@ of a phone call is silence, and this keeps a listening call cheap.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from importlib.util import find_spec
@@ -244,7 +245,7 @@ def _official_fast_session(rate: int) -> Any | None:
 
         path = official_model_path()
         session = SileroSession._load(official_fast_model_bytes(path, rate))
-        official = SileroSession._load(str(path))
+        official = _official_graph()
         probes, state = _probe(rate)
         for rows in probes:
             got = session.run(None, {"input": rows, "h": state, "c": state})
@@ -255,6 +256,13 @@ def _official_fast_session(rate: int) -> Any | None:
         log.warning("Silero VAD: %d Hz unavailable, using 16 kHz (%s: %s)", rate,
                     type(exc).__name__, exc)
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def _official_graph() -> Any:
+    """Silero's official graph in ONNX Runtime, which both start-up checks run against (loaded
+    once per process)."""
+    return SileroSession._load(str(official_model_path()))
 
 
 def _official_native(rate: int) -> NativeSilero | None:
@@ -268,7 +276,7 @@ def _official_native(rate: int) -> NativeSilero | None:
     try:
         path = official_model_path()
         model = silero_native.native_model(path, rate)
-        official = SileroSession._load(str(path))
+        official = _official_graph()
         probes, state = _probe(rate)
         for rows in probes:
             h, c = state.copy(), state.copy()

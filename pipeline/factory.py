@@ -64,9 +64,8 @@ def build_vad_factory(settings: Settings, kind: str = "silero"):
         session = SileroSession(rate=settings.vad_rate, native=settings.vad_kernel == "native")
         # Its rate: the one asked for, or 16 kHz if the 8 kHz model was unavailable (logged).
         rate = session.rate
-        log.info("Silero VAD at %d Hz (%s)", rate, {"native": "compiled forward pass",
-                                                    "fast": "fast graph"}.get(session.kind,
-                                                                              session.kind))
+        log.info("Silero VAD at %d Hz (%s)", rate, "compiled forward pass"
+                 if session.kind == "native" else f"{session.kind} graph")
 
         def make() -> Vad:
             return SileroVad(session, gate_dbfs=settings.energy_gate_dbfs)
