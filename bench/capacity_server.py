@@ -113,7 +113,9 @@ class BenchStats:
         self.beat = time.monotonic()  # the loop's last round, for the stall watch
         self.gc_s = 0.0  # time in the cyclic garbage collector (it stops the event loop)
         self.gc_max = 0.0
-        self.gc_runs: dict[str, list[float]] = {}  # generation → [collections, longest ms]
+        # generation → [collections, longest ms, most objects one collection found unreachable
+        # (freeing them is part of its time)]
+        self.gc_runs: dict[str, list[float]] = {}
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu0 = usage.ru_utime + usage.ru_stime
         self.wait0 = _runqueue_wait_s()
@@ -184,9 +186,10 @@ class BenchStats:
         took = time.perf_counter() - getattr(self, "_gc_t0", time.perf_counter())
         self.gc_s += took
         self.gc_max = max(self.gc_max, took)
-        runs = self.gc_runs.setdefault(str(info["generation"]), [0, 0.0])
+        runs = self.gc_runs.setdefault(str(info["generation"]), [0, 0.0, 0])
         runs[0] += 1
         runs[1] = max(runs[1], round(took * 1000, 1))
+        runs[2] = max(runs[2], info.get("collected", 0))
 
 
 def _top_types(objects: list[Any], count: int) -> dict[str, int]:
