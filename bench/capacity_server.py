@@ -114,7 +114,8 @@ class BenchStats:
         self.gc_s = 0.0  # time in the cyclic garbage collector (it stops the event loop)
         self.gc_max = 0.0
         # generation → [collections, longest ms, most objects one collection found unreachable
-        # (freeing them is part of its time)]
+        # (freeing them is part of its time), longest in CPU ms (this thread's: the wall time
+        # less the time the loop's thread waited for a CPU)]
         self.gc_runs: dict[str, list[float]] = {}
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu0 = usage.ru_utime + usage.ru_stime
@@ -182,14 +183,17 @@ class BenchStats:
     def on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._gc_t0 = time.perf_counter()
+            self._gc_cpu0 = time.thread_time()
             return
         took = time.perf_counter() - getattr(self, "_gc_t0", time.perf_counter())
+        cpu = time.thread_time() - getattr(self, "_gc_cpu0", time.thread_time())
         self.gc_s += took
         self.gc_max = max(self.gc_max, took)
-        runs = self.gc_runs.setdefault(str(info["generation"]), [0, 0.0, 0])
+        runs = self.gc_runs.setdefault(str(info["generation"]), [0, 0.0, 0, 0.0])
         runs[0] += 1
         runs[1] = max(runs[1], round(took * 1000, 1))
         runs[2] = max(runs[2], info.get("collected", 0))
+        runs[3] = max(runs[3], round(cpu * 1000, 1))
 
 
 def _top_types(objects: list[Any], count: int) -> dict[str, int]:
