@@ -19,7 +19,8 @@
  *
  * Python builds a `Model` from the weights once (media/silero_native.py lays them out) and
  * calls `Model.run(rows, h, c, probs)`, which writes each window's probability and updates
- * the state in place. The sums run in another order than ONNX Runtime's (and with fused
+ * the state in place; a stream binds its own arrays once (`Model.bind`) and runs the
+ * binding, as with ONNX Runtime's I/O binding. The sums run in another order than ONNX Runtime's (and with fused
  * multiply-adds where the CPU has them), so results agree to float rounding, not bit for bit;
  * media/vad.py compares the two at start-up and keeps ONNX Runtime if they disagree.
  */
@@ -143,7 +144,7 @@ typedef struct {
     float *bg;      /* 512: both biases summed */
     float *head;    /* 128 */
     float head_bias;
-    float *zeros;   /* a zero bias for the products that add it later */
+    float *zeros;   /* a zero bias, for the STFT (which has none) */
 } Model;
 
 /* A window's context and samples, padded and cut into frames, through the encoder: each of
