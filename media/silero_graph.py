@@ -151,40 +151,62 @@ def _stft(g: _Graph, x: str, basis: np.ndarray, block: int) -> str:
     return node("Sqrt", [x], "fast/magnitude")  # (windows × 4) × bins
 
 
+def layer_kernels(layers: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Each encoder layer's kernel (weights out × in × 3) laid out for one product with its
+    taps: (taps × in) by out, tap by tap, keeping only the taps that see audio. Over four
+    steps every tap; over two with stride 2, taps 1 and 2 (they see steps 0 and 1); over one,
+    the middle tap (the padding is on both sides). The graph (`_encoder`) and the compiled
+    forward pass (`media.silero_native`) both take them so."""
+    kernels = []
+    steps = FRAMES
+    for (w, _), stride in zip(layers, LAYER_STRIDES, strict=True):
+        out_ch, in_ch, _ = w.shape
+        out_steps = (steps - 1) // stride + 1
+        if steps == 1:
+            kernel = w[:, :, 1].T
+        elif out_steps == 1 and stride == 2 and steps == 2:
+            kernel = np.concatenate([w[:, :, 1].T, w[:, :, 2].T])
+        else:
+            kernel = w.transpose(2, 1, 0).reshape(3 * in_ch, out_ch)
+        kernels.append(np.ascontiguousarray(kernel))
+        steps = out_steps
+    _check(steps == 1, "encoder output steps")
+    return kernels
+
+
 def _encoder(g: _Graph, x: str, layers: list[tuple[np.ndarray, np.ndarray]]) -> str:
     """The four encoder layers (kernel 3, padding 1, strides `LAYER_STRIDES`, ReLU) over
     the rows of (window, frame): one row of 128 per window out. Each layer's taps are gathered
     from the zero-padded time steps (one Gather with precomputed indices) and go through one
     Gemm with the bias; a layer over one or two time steps keeps only the taps that see
-    audio."""
+    audio (`layer_kernels`)."""
     node, const = g.node, g.const
     steps = FRAMES
-    for k, ((w, bias), stride) in enumerate(zip(layers, LAYER_STRIDES, strict=True)):
-        out_ch, in_ch, _ = w.shape  # out × in × 3
+    for k, ((w, bias), stride, kernel) in enumerate(zip(layers, LAYER_STRIDES,
+                                                        layer_kernels(layers), strict=True)):
+        in_ch = w.shape[1]
         out_steps = (steps - 1) // stride + 1
         name = f"fast/layer{k}"
-        if steps == 1:  # padding on both sides: only the middle tap sees audio
-            cols, kernel = x, w[:, :, 1].T
-        elif out_steps == 1 and stride == 2 and steps == 2:  # taps 1 and 2 see steps 0 and 1
+        taps = len(kernel) // in_ch
+        if taps == 1:  # one step: its rows are the middle tap's
+            cols = x
+        elif taps == 2:  # two steps, stride 2: both steps in one row
             cols = node("Reshape", [x, const(f"{name}/rows", np.array([-1, 2 * in_ch],
                                                                       np.int64))], f"{name}/cols")
-            kernel = np.concatenate([w[:, :, 1].T, w[:, :, 2].T])
         else:  # every tap: gather them from the zero-padded steps
             x = node("Reshape", [x, const(f"{name}/steps", np.array([-1, steps, in_ch],
                                                                     np.int64))], f"{name}/x")
             x = node("Pad", [x, const(f"{name}/pads", np.array([0, 1, 0, 0, 1, 0], np.int64))],
                      f"{name}/padded")
-            taps = np.array([[t * stride + j for j in range(3)] for t in range(out_steps)],
-                            np.int64)
-            x = node("Gather", [x, const(f"{name}/taps", taps)], f"{name}/gathered", axis=1)
+            indices = np.array([[t * stride + j for j in range(3)] for t in range(out_steps)],
+                               np.int64)
+            x = node("Gather", [x, const(f"{name}/taps", indices)], f"{name}/gathered", axis=1)
             cols = node("Reshape", [x, const(f"{name}/rows", np.array([-1, 3 * in_ch],
                                                                       np.int64))], f"{name}/cols")
-            kernel = w.transpose(2, 1, 0).reshape(3 * in_ch, out_ch)
-        x = node("Gemm", [cols, const(f"{name}/kernel", np.ascontiguousarray(kernel)),
+        x = node("Gemm", [cols, const(f"{name}/kernel", kernel),
                           const(f"{name}/bias", bias)], f"{name}/gemm")
         x = node("Relu", [x], f"{name}/relu")
         steps = out_steps
-    _check(steps == 1, "encoder output steps")
     return x
 
 

@@ -6,16 +6,16 @@ pass computes what `media.silero_graph.official_fast_model_bytes`'s graph comput
 same weights (`official_weights`), laid out here for its kernel:
 
 - the STFT basis transposed (2 × block taps by 2 × bins: real, then imaginary columns);
-- each encoder layer's kernel as taps × inputs by outputs, with only the taps that see audio
-  (layer 2 over two steps keeps taps 1 and 2, layer 3 over one its middle tap), as the
-  graph's Gemms take them;
+- each encoder layer's kernel as taps × inputs by outputs, with only the taps that see audio,
+  as the graph's Gemms take them (`silero_graph.layer_kernels`);
 - the LSTM's input and recurrent weights transposed (128 × 512 each, PyTorch's gate order)
   and its two biases summed.
 
 `NativeSilero.run(rows, h, c, probs)` takes a stream's consecutive windows with their context
 and updates the state in place; `bind` takes the same arrays once (a stream reuses its own, as
-with ONNX Runtime's I/O binding), and the binding's `run()` scores what they hold. `media.vad.SileroSession` checks it against the official graph
-at start-up and uses ONNX Runtime if the extension is missing or disagrees.
+with ONNX Runtime's I/O binding), and the binding's `run()` scores what they hold.
+`media.vad.SileroSession` checks it against the official graph at start-up and uses ONNX
+Runtime if the extension is missing or disagrees.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from media.silero_graph import OfficialWeights, official_weights
+from media.silero_graph import OfficialWeights, layer_kernels, official_weights
 
 
 class NativeBinding(Protocol):
@@ -68,14 +68,13 @@ def kernel_weights(weights: OfficialWeights) -> dict[str, object]:
     def c(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.float32)
 
-    (w0, b0), (w1, b1), (w2, b2), (w3, b3) = weights.layers
+    w0, w1, w2, w3 = layer_kernels(weights.layers)
+    b0, b1, b2, b3 = (bias for _, bias in weights.layers)
     return {
         "block": weights.block,
         "stft": c(weights.basis.T),
-        "w0": c(w0.transpose(2, 1, 0).reshape(-1, w0.shape[0])), "b0": c(b0),
-        "w1": c(w1.transpose(2, 1, 0).reshape(-1, w1.shape[0])), "b1": c(b1),
-        "w2": c(np.concatenate([w2[:, :, 1].T, w2[:, :, 2].T])), "b2": c(b2),
-        "w3": c(w3[:, :, 1].T), "b3": c(b3),
+        "w0": c(w0), "b0": c(b0), "w1": c(w1), "b1": c(b1),
+        "w2": c(w2), "b2": c(b2), "w3": c(w3), "b3": c(b3),
         "wx": c(weights.w_ih.T), "wh": c(weights.w_hh.T),
         "bias": c(weights.b_ih + weights.b_hh),
         "head": c(weights.head_w), "head_bias": weights.head_b,
