@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -243,19 +244,27 @@ def _official_fast_session(rate: int) -> Any | None:
     try:
         from media.silero_graph import official_fast_model_bytes
 
-        path = official_model_path()
-        session = SileroSession._load(official_fast_model_bytes(path, rate))
-        official = _official_graph()
-        probes, state = _probe(rate)
-        for rows in probes:
-            got = session.run(None, {"input": rows, "h": state, "c": state})
-            if not _agrees(official_steps(official, rows, state, state, rate), got):
-                raise ValueError("the rewritten model disagrees with the official one")
+        session = SileroSession._load(official_fast_model_bytes(official_model_path(), rate))
+        _check_against_official(
+            lambda rows, state: session.run(None, {"input": rows, "h": state, "c": state}),
+            rate, "the rewritten model disagrees with the official one")
         return session
     except Exception as exc:  # any failure leaves the 16 kHz model, which always works
         log.warning("Silero VAD: %d Hz unavailable, using 16 kHz (%s: %s)", rate,
                     type(exc).__name__, exc)
         return None
+
+
+def _check_against_official(run: Callable[[np.ndarray, np.ndarray], list[np.ndarray]],
+                            rate: int, disagrees: str) -> None:
+    """Run a rewrite (`run(rows, state)` → probabilities, hn, cn, both states starting at
+    `state`) on the start-up probe at `rate`, against the official graph a window at a time;
+    ValueError(`disagrees`) unless they agree."""
+    official = _official_graph()
+    probes, state = _probe(rate)
+    for rows in probes:
+        if not _agrees(official_steps(official, rows, state, state, rate), run(rows, state)):
+            raise ValueError(disagrees)
 
 
 @functools.lru_cache(maxsize=1)
@@ -274,16 +283,16 @@ def _official_native(rate: int) -> NativeSilero | None:
         log.info("Silero VAD: the compiled forward pass is not built; using ONNX Runtime")
         return None
     try:
-        path = official_model_path()
-        model = silero_native.native_model(path, rate)
-        official = _official_graph()
-        probes, state = _probe(rate)
-        for rows in probes:
+        model = silero_native.native_model(official_model_path(), rate)
+
+        def run(rows: np.ndarray, state: np.ndarray) -> list[np.ndarray]:
             h, c = state.copy(), state.copy()
             probs = np.zeros(len(rows), dtype=np.float32)
             model.run(rows, h, c, probs)
-            if not _agrees(official_steps(official, rows, state, state, rate), [probs, h, c]):
-                raise ValueError("the compiled forward pass disagrees with the official graph")
+            return [probs, h, c]
+
+        _check_against_official(
+            run, rate, "the compiled forward pass disagrees with the official graph")
         return model
     except Exception as exc:  # ONNX Runtime's graph always works
         log.warning("Silero VAD: using ONNX Runtime (%s: %s)", type(exc).__name__, exc)
