@@ -20,6 +20,7 @@ Events, in order for one utterance:
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,9 +32,19 @@ from media.resample import HalfbandUpsampler, StreamResampler, resample
 from media.vad import SAMPLE_RATE, SHAPES, WINDOW, Vad
 
 WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms, at either rate
-# In the middle of a caller's speech, voiced windows may wait for this many to be scored in
-# one model run (`Listener.feed`'s `hold`).
-HOLD_WINDOWS = 3
+# In the middle of a caller's speech, voiced windows may wait for up to this many to be scored
+# in one model run (`Listener.feed`'s `hold`): fewer when a silence that decides something is
+# shorter than that many windows (`Listener.hold_windows`).
+HOLD_WINDOWS = 4
+
+
+def windows_within(shortest_ms: float) -> int:
+    """How many windows may wait in speech without moving a decision, when the shortest
+    silence anything is decided on lasts `shortest_ms`: a run is scored when its last window
+    is whole, and the first silent window among n that waited crosses a threshold of
+    `shortest_ms` on the run's last window or later when n windows last no longer than it.
+    At least 1 (no waiting), at most `HOLD_WINDOWS`."""
+    return max(1, min(HOLD_WINDOWS, int(shortest_ms // WINDOW_MS)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +110,7 @@ class Listener:
     def __init__(self, vad: Vad, config: EndpointConfig | None = None) -> None:
         self._vad = vad
         self._quiet_run = getattr(vad, "quiet_run", None)  # optional (`Vad`)
+        self._hold_within_ms = math.inf  # what others decide on silence (`limit_hold`)
         self.config = config or EndpointConfig()
         self.rate = getattr(vad, "sample_rate", SAMPLE_RATE)
         self._window_len = SHAPES[self.rate][0]
@@ -125,6 +137,28 @@ class Listener:
         self._onset_at = 0.0
         self._last_voice_at = 0.0
         self.last_probability = 0.0
+
+    @property
+    def config(self) -> EndpointConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: EndpointConfig) -> None:
+        self._config = config
+        self._set_hold_windows()
+
+    def limit_hold(self, shortest_ms: float) -> None:
+        """Something else decides on this listener's silence too (turn-taking's interjection
+        pause, its end-of-turn budgets), the shortest after `shortest_ms`: windows wait in
+        speech no longer than that (`hold_windows`)."""
+        self._hold_within_ms = shortest_ms
+        self._set_hold_windows()
+
+    def _set_hold_windows(self) -> None:
+        cfg = self._config
+        shortest = min(cfg.silence_ms, cfg.speculative_ms or math.inf, self._hold_within_ms)
+        # How many windows `feed(hold=True)` lets wait in the middle of speech.
+        self.hold_windows = windows_within(shortest)
 
     @property
     def in_speech(self) -> bool:
@@ -156,16 +190,19 @@ class Listener:
         frames itself and hand them over as one block). At 16 kHz, what the resampler holds
         (soxr's blocks, about every fifth frame; none with "halfband"). At 8 kHz, the rest of
         the next window; in the middle of speech, where `feed(hold=True)` waits for
-        `HOLD_WINDOWS` windows, the rest of those."""
+        `hold_windows` windows, the rest of those."""
         if self._resampler is not None:
             return self._resampler.input_until_output
-        whole = HOLD_WINDOWS if self._holding() else 1
+        whole = self.hold_windows if self._holding() else 1
         return max(0, whole * self._window_len - self._pending.size)
 
     def _holding(self) -> bool:
         """In the middle of speech: the utterance confirmed and the last window voiced,
-        where `feed(hold=True)` lets windows wait."""
-        return self._in_speech and self._confirmed and self._silence_ms == 0.0
+        where `feed(hold=True)` lets windows wait; not when the utterance's length cap
+        (`max_utterance_ms`, which ends it on any window) could fall before the last."""
+        return (self._in_speech and self._confirmed and self._silence_ms == 0.0
+                and self._utterance_ms + (self.hold_windows - 1) * WINDOW_MS
+                < self._config.max_utterance_ms)
 
     def audio(self) -> np.ndarray:
         """The current utterance so far (16 kHz float), trimmed like a pause's audio."""
@@ -187,12 +224,14 @@ class Listener:
 
         Each window is scored as soon as it is whole (at 16 kHz, as the resampler gives it:
         with "soxr", three or four at a time in one model run). With `hold`, in the middle of speech (the
-        utterance confirmed and the last window voiced) windows wait until `HOLD_WINDOWS` are
-        whole, then go through one model run, about a fifth cheaper a window
-        (`bench/vad_batch.py`). Nothing is decided later for it: each window is stamped with
-        when it arrived, and the first silent one among them counts its silence from there,
-        so a threshold of silence longer than the windows that waited (96 ms; the shortest,
-        the speculative pause, is 200) is crossed on the same frame as without holding."""
+        utterance confirmed and the last window voiced) windows wait until `hold_windows` are
+        whole, then go through one model run, cheaper a window (`bench/vad_model.py`).
+        Nothing is decided later for it: each window is stamped with when it arrived, and the
+        first silent one among them counts its silence from there, so a threshold of silence
+        no shorter than the windows that waited is crossed on the same frame as without
+        holding. `hold_windows` keeps them so: at most `HOLD_WINDOWS` (128 ms), fewer under
+        the listener's own pauses and what `limit_hold` was given (turn-taking's shortest,
+        the interjection pause, is 128 ms)."""
         now = time.monotonic() if now is None else now
         if self._resampler is None:  # int16 to float32 [-1, 1) in one pass
             audio = np.multiply(pcm8k, np.float32(1.0 / 32768.0), dtype=np.float32)
@@ -208,7 +247,7 @@ class Listener:
         count = audio.size // window
         whole_at = self._whole_at
         whole_at.extend([now] * (count - len(whole_at)))
-        if hold and 0 < count < HOLD_WINDOWS and self._holding():
+        if hold and 0 < count < self.hold_windows and self._holding():
             self._pending = audio
             return []
         events: list[ListenerEvent] = []

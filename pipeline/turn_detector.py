@@ -282,6 +282,13 @@ class EndOfTurnPolicy:
     complete_probability: float = 0.5
     incomplete_probability: float = 0.15
 
+    def shortest_ms(self) -> int:
+        """The shortest silence any decision may wait for (`budget` gives one of these, or
+        more)."""
+        return min(self.complete_ms, self.words_complete_ms, self.answer_ms, self.unsure_ms,
+                   self.incomplete_ms, self.hesitation_ms, self.greeting_ms, self.entity_ms,
+                   self.no_words_ms, self.max_ms)
+
     def budget(self, probability: float | None, cue: Cue | None, uses_model: bool,
                needs_words: bool, words: int = 3) -> tuple[int, str]:
         """(silence budget in ms, reason) for one pause's evidence so far.

@@ -136,6 +136,10 @@ class TurnTaking:
             speculative = min(listener.config.speculative_ms, 160)
             listener.config = replace(listener.config, speculative_ms=speculative,
                                       silence_ms=max(listener.config.silence_ms, bound))
+        # Windows that wait in the caller's speech (`feed`) must not move a decision made on
+        # silence here: the interjection pause, the end-of-turn budgets.
+        listener.limit_hold(min(self.config.interjection_pause_ms,
+                                self.detector.policy.shortest_ms()))
         self.listener = listener
         self._during_bot = False
         self._tracker: BargeInTracker | None = None

@@ -5,15 +5,19 @@ import pytest
 
 from media.audiofile import read_wav
 from media.mulaw import pcm16_to_ulaw, ulaw_to_pcm16
-from media.vad import SileroSession, SileroVad
+from media.vad import EnergyVad, SileroSession, SileroVad
 from pipeline.listener import (
+    HOLD_WINDOWS,
     EndpointConfig,
     Listener,
     SpeechConfirmed,
     SpeechEnded,
     SpeechPaused,
     SpeechStarted,
+    windows_within,
 )
+from pipeline.turn_detector import EndOfTurnPolicy, TurnDetector
+from pipeline.turn_taking import TurnTaking, TurnTakingConfig
 
 
 @pytest.fixture(scope="module")
@@ -201,19 +205,25 @@ class Counting(SileroVad):
         return super()._run(windows)
 
 
-@pytest.mark.parametrize("path", ["halfband", "8k"])
-def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(sessions, fixtures_dir,
-                                                                     path) -> None:
-    """With `hold`, windows in the middle of speech wait to be scored three at a time: every
-    event is the same, stamps and audio included, and each is returned by the same frame
-    (a held window is voiced speech going on: no event turns on it)."""
+@pytest.mark.parametrize(("path", "config", "most"),
+                         [("halfband", {}, HOLD_WINDOWS), ("8k", {}, HOLD_WINDOWS),
+                          ("8k", {"speculative_ms": 96}, 3),
+                          ("8k", {"max_utterance_ms": 1000}, HOLD_WINDOWS)])
+def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(
+        sessions, fixtures_dir, path, config, most) -> None:
+    """With `hold`, windows in the middle of speech wait to be scored `HOLD_WINDOWS` at a time,
+    or as many as fit in the shortest pause (a speculative pause of 96 ms: three), and none
+    where the utterance's length cap could fall among them: every event is the same, stamps
+    and audio included, and each is returned by the same frame (a held window is voiced
+    speech going on: no event turns on it)."""
     pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(fixtures_dir / "book_table.wav", 8000)))
     hiss = np.random.default_rng(3).normal(0, 32768 * 10 ** (-45 / 20), 8 * 3000)
     line = np.concatenate([pcm, np.zeros(8 * 1500), pcm, np.zeros(8 * 1500)])
     line = np.clip(line + np.resize(hiss, line.size), -32768, 32767).astype(np.int16)
     results = {}
     for hold in (False, True):
-        heard = listener(sessions, path, Counting)
+        heard = listener(sessions, path, Counting, **config)
+        assert heard.hold_windows == most
         vad = heard._vad
         by_frame = [heard.feed(line[i : i + 160], i / 8000, hold)
                     for i in range(0, len(line) - 159, 160)]
@@ -228,7 +238,7 @@ def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(sessions, 
             assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, name
     assert [[type(e) for e in frame] for frame in plain] == [[type(e) for e in frame]
                                                             for frame in held]
-    assert max(plain_runs) == 1 and max(held_runs) == 3
+    assert max(plain_runs) == 1 and max(held_runs) == most
     assert sum(held_runs) == sum(plain_runs) and len(held_runs) < 0.75 * len(plain_runs)
 
 
@@ -263,3 +273,29 @@ def test_quiet_blocks_in_one_pass_give_the_same_events(sessions, fixtures_dir, f
         for name in a.__slots__:
             x, y = getattr(a, name), getattr(b, name)
             assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, name
+
+
+def test_windows_wait_no_longer_than_the_shortest_silence_that_decides_something() -> None:
+    """`hold_windows`: as many 32 ms windows as fit in the shortest pause the listener or
+    turn-taking decides on (at least one, at most `HOLD_WINDOWS`), however the thresholds
+    are set."""
+    assert HOLD_WINDOWS == 4
+    assert [windows_within(ms) for ms in (0, 31, 64, 95, 96, 128, 160, 10_000)] == [
+        1, 1, 2, 2, 3, 4, 4, 4]
+    assert Listener(EnergyVad()).hold_windows == 4
+    assert Listener(EnergyVad(), EndpointConfig(speculative_ms=0, silence_ms=100)
+                    ).hold_windows == 3
+    assert Listener(EnergyVad(), EndpointConfig(speculative_ms=64)).hold_windows == 2
+    # Turn-taking's own pauses count: the interjection pause (128 ms by default) and the
+    # end-of-turn budgets; replacing the listener's config keeps the limit.
+    heard = Listener(EnergyVad())
+    TurnTaking(heard, TurnDetector())
+    assert heard.hold_windows == 4
+    heard = Listener(EnergyVad())
+    TurnTaking(heard, TurnDetector(), TurnTakingConfig(interjection_pause_ms=96))
+    assert heard.hold_windows == 3
+    heard = Listener(EnergyVad())
+    TurnTaking(heard, TurnDetector(policy=EndOfTurnPolicy(complete_ms=40)))
+    assert heard.hold_windows == 1
+    heard.config = EndpointConfig()
+    assert heard.hold_windows == 1
