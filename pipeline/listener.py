@@ -34,8 +34,11 @@ from media.vad import SAMPLE_RATE, SHAPES, WINDOW, Vad
 WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms, at either rate
 # In the middle of a caller's speech, voiced windows may wait for up to this many to be scored
 # in one model run (`Listener.feed`'s `hold`): fewer when a silence that decides something is
-# shorter than that many windows (`Listener.hold_windows`).
-HOLD_WINDOWS = 4
+# shorter than that many windows (`Listener.hold_windows`). Four would fit the default
+# thresholds too, but saved nothing measurable and makes the stamps that the conversation's
+# deferred frames give a held run later still (docs/ARCHITECTURE.md, "The hold within the
+# shortest pause").
+HOLD_WINDOWS = 3
 
 
 def windows_within(shortest_ms: float) -> int:
@@ -229,7 +232,7 @@ class Listener:
         Nothing is decided later for it: each window is stamped with when it arrived, and the
         first silent one among them counts its silence from there, so a threshold of silence
         no shorter than the windows that waited is crossed on the same frame as without
-        holding. `hold_windows` keeps them so: at most `HOLD_WINDOWS` (128 ms), fewer under
+        holding. `hold_windows` keeps them so: at most `HOLD_WINDOWS` (96 ms), fewer under
         the listener's own pauses and what `limit_hold` was given (turn-taking's shortest,
         the interjection pause, is 128 ms)."""
         now = time.monotonic() if now is None else now

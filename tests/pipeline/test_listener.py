@@ -207,12 +207,13 @@ class Counting(SileroVad):
 
 @pytest.mark.parametrize(("path", "config", "most"),
                          [("halfband", {}, HOLD_WINDOWS), ("8k", {}, HOLD_WINDOWS),
-                          ("8k", {"speculative_ms": 96}, 3),
+                          ("8k", {"speculative_ms": 64}, 2), ("8k", {"speculative_ms": 32}, 1),
                           ("8k", {"max_utterance_ms": 1000}, HOLD_WINDOWS)])
 def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(
         sessions, fixtures_dir, path, config, most) -> None:
     """With `hold`, windows in the middle of speech wait to be scored `HOLD_WINDOWS` at a time,
-    or as many as fit in the shortest pause (a speculative pause of 96 ms: three), and none
+    or as many as fit in the shortest pause (a speculative pause of 64 ms: two; of 32 ms: none,
+    where letting three wait moves events by frames), and none
     where the utterance's length cap could fall among them: every event is the same, stamps
     and audio included, and each is returned by the same frame (a held window is voiced
     speech going on: no event turns on it)."""
@@ -239,7 +240,9 @@ def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(
     assert [[type(e) for e in frame] for frame in plain] == [[type(e) for e in frame]
                                                             for frame in held]
     assert max(plain_runs) == 1 and max(held_runs) == most
-    assert sum(held_runs) == sum(plain_runs) and len(held_runs) < 0.75 * len(plain_runs)
+    assert sum(held_runs) == sum(plain_runs)
+    if most > 1:
+        assert len(held_runs) < 0.8 * len(plain_runs)
 
 
 @pytest.mark.parametrize("rate", [8000, 16000])
@@ -279,21 +282,21 @@ def test_windows_wait_no_longer_than_the_shortest_silence_that_decides_something
     """`hold_windows`: as many 32 ms windows as fit in the shortest pause the listener or
     turn-taking decides on (at least one, at most `HOLD_WINDOWS`), however the thresholds
     are set."""
-    assert HOLD_WINDOWS == 4
-    assert [windows_within(ms) for ms in (0, 31, 64, 95, 96, 128, 160, 10_000)] == [
-        1, 1, 2, 2, 3, 4, 4, 4]
-    assert Listener(EnergyVad()).hold_windows == 4
-    assert Listener(EnergyVad(), EndpointConfig(speculative_ms=0, silence_ms=100)
-                    ).hold_windows == 3
+    assert HOLD_WINDOWS == 3
+    assert [windows_within(ms) for ms in (0, 31, 64, 95, 96, 128, 10_000)] == [
+        1, 1, 2, 2, 3, 3, 3]
+    assert Listener(EnergyVad()).hold_windows == 3
+    assert Listener(EnergyVad(), EndpointConfig(speculative_ms=0, silence_ms=80)
+                    ).hold_windows == 2
     assert Listener(EnergyVad(), EndpointConfig(speculative_ms=64)).hold_windows == 2
     # Turn-taking's own pauses count: the interjection pause (128 ms by default) and the
     # end-of-turn budgets; replacing the listener's config keeps the limit.
     heard = Listener(EnergyVad())
     TurnTaking(heard, TurnDetector())
-    assert heard.hold_windows == 4
-    heard = Listener(EnergyVad())
-    TurnTaking(heard, TurnDetector(), TurnTakingConfig(interjection_pause_ms=96))
     assert heard.hold_windows == 3
+    heard = Listener(EnergyVad())
+    TurnTaking(heard, TurnDetector(), TurnTakingConfig(interjection_pause_ms=64))
+    assert heard.hold_windows == 2
     heard = Listener(EnergyVad())
     TurnTaking(heard, TurnDetector(policy=EndOfTurnPolicy(complete_ms=40)))
     assert heard.hold_windows == 1

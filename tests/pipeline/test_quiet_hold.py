@@ -154,10 +154,10 @@ def test_frames_wait_for_the_one_that_completes_the_resamplers_block(
         # soxr's blocks: 927 samples in, then every 830: blocks of five or six frames.
         assert set(fed) <= {800, 960}
     else:
-        # A window every 256 samples (one or two frames); in speech `hold_windows` (four:
-        # six or seven frames).
+        # A window every 256 samples (one or two frames); in speech `hold_windows` (three:
+        # four or five frames).
         held = conversation.listener.hold_windows * 256 // 160 * 160
-        assert conversation.listener.hold_windows == 4
+        assert conversation.listener.hold_windows == 3
         assert set(fed) <= {160, 320, held, held + 160} and {held, held + 160} & set(fed)
     assert sum(fed) + 160 * len(conversation._held) == 160 * (waiting + len(words))
 
