@@ -32,11 +32,12 @@ from media.resample import HalfbandUpsampler, StreamResampler, resample
 from media.vad import SAMPLE_RATE, SHAPES, WINDOW, Vad
 
 WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms, at either rate
+LINE_FRAME = 160  # samples in a frame of the line's 8 kHz audio (20 ms)
+LINE_FRAME_S = LINE_FRAME / 8000
 # In the middle of a caller's speech, voiced windows may wait for up to this many to be scored
 # in one model run (`Listener.feed`'s `hold`): fewer when a silence that decides something is
 # shorter than that many windows (`Listener.hold_windows`). Four would fit the default
-# thresholds too, but saved nothing measurable and makes the stamps that the conversation's
-# deferred frames give a held run later still (docs/ARCHITECTURE.md, "The hold within the
+# thresholds too, but saved nothing measurable (docs/ARCHITECTURE.md, "The hold within the
 # shortest pause").
 HOLD_WINDOWS = 3
 
@@ -249,7 +250,18 @@ class Listener:
         window = self._window_len
         count = audio.size // window
         whole_at = self._whole_at
-        whole_at.extend([now] * (count - len(whole_at)))
+        if count > len(whole_at):
+            if self._resampler is None:
+                # Stamped with the time of the frame that completed it: `now` less a frame
+                # (20 ms) for each whole frame after it. A block of frames that waited (the
+                # conversation's deferred ones, a quiet block) so stamps its windows as frame
+                # by frame would, not all with its last frame's time; one frame, as before.
+                size = audio.size
+                whole_at.extend([now - (size - end) // LINE_FRAME * LINE_FRAME_S
+                                 for end in range((len(whole_at) + 1) * window,
+                                                  count * window + 1, window)])
+            else:  # the resampler's output: when it came (its delay is the VAD's too)
+                whole_at.extend([now] * (count - len(whole_at)))
         if hold and 0 < count < self.hold_windows and self._holding():
             self._pending = audio
             return []

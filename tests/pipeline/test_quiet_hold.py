@@ -4,6 +4,7 @@ same audio, far fewer steps; and the echo guard's answer for a frame too quiet t
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,43 @@ def _listen(silero: SileroSession, frames: list[bytes], defer: bool = True
                 audio = action.speech.audio
             seen.append((index, type(action).__name__, audio))
     return seen, feeds, conversation
+
+
+def _stamps(silero: SileroSession, frames: list[bytes], monkeypatch: pytest.MonkeyPatch,
+            defer: bool) -> list[tuple[int, str, tuple[float, ...]]]:
+    """Every action's clock readings (onset, last voice, end), with the frame it came on, the
+    frames arriving 20 ms apart by the conversation's clock."""
+    clock = [0.0]
+    monkeypatch.setattr(conversation_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    conversation = _conversation(silero)
+    if not defer:
+        conversation._may_defer = lambda ulaw: False  # type: ignore[method-assign]
+    seen = []
+    for index, frame in enumerate(frames):
+        clock[0] = index * 0.02
+        for action in conversation.hear(frame):
+            speech = getattr(action, "speech", None)
+            stamps = ((speech.started_at, speech.last_voice_at, speech.ended_at)
+                      if speech is not None else
+                      tuple(getattr(action, name) for name in ("onset_at", "last_voice_at")
+                            if hasattr(action, name)))
+            seen.append((index, type(action).__name__, tuple(round(t, 9) for t in stamps)))
+    return seen
+
+
+def test_frames_that_waited_carry_the_times_they_came_at(
+        silero: SileroSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames held or deferred are heard in a block, but each window keeps the time of the
+    frame that completed it: the onsets, last voiced windows and ends that turn-taking
+    reports (the latency metrics' end of speech) are those of every frame heard on its own,
+    not the block's last frame's."""
+    frames = _caller_line()
+    held = _stamps(silero, frames, monkeypatch, defer=True)
+    monkeypatch.setattr(conversation_module, "QUIET_RUN", 10**9)  # never hold
+    plain = _stamps(silero, frames, monkeypatch, defer=False)
+    assert [kind for _, kind, _ in plain].count("TurnEnded") == 2
+    assert sum(kind == "Analyze" for _, kind, _ in plain) >= 2
+    assert held == plain
 
 
 @pytest.mark.parametrize(("hold_quiet", "defer"), [(True, False), (False, True), (True, True)])
