@@ -626,7 +626,9 @@ class TwilioStream:
                 async with asyncio.timeout(END_RECORD_TIMEOUT_S):
                     await self._on_end([conversation.started, conversation.ended])
             except Exception as exc:
-                log.warning("could not store the end call_sid=%s: %s", self.call_sid, exc)
+                # A timeout's message is empty: name it.
+                log.warning("could not store the end call_sid=%s: %s", self.call_sid,
+                            str(exc) or type(exc).__name__)
         # A peer that stopped reading would hold the closing frame forever.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self._send_timeout_s or CLOSE_TIMEOUT_S):
@@ -637,6 +639,7 @@ class TwilioStream:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await self._on_limit(self.call_sid, self.end_reason)
             except Exception as exc:
-                log.warning("limit hook failed call_sid=%s: %s", self.call_sid, exc)
+                log.warning("limit hook failed call_sid=%s: %s", self.call_sid,
+                            str(exc) or type(exc).__name__)
         log.info("call ended call_sid=%s reason=%s frames=%d bad=%d",
                  self.call_sid, self.end_reason, self.stats.frames, self.stats.bad_messages)

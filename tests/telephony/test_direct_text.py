@@ -186,6 +186,29 @@ async def test_without_the_extension_the_stream_uses_receive() -> None:
     assert stream.stats.frames == 1
 
 
+async def test_an_end_that_cannot_be_stored_in_time_is_logged_by_name(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The end is stored before the socket closes, within `END_RECORD_TIMEOUT_S`; a store
+    that takes longer is given up (the recorder writes it again) and the log names the
+    timeout, whose own message is empty."""
+    monkeypatch.setattr(stream_module, "END_RECORD_TIMEOUT_S", 0.01)
+    conversation = _FakeConversation()
+    conversation.started = conversation.ended = object()  # type: ignore[attr-defined]
+
+    async def slow_store(events: Sequence[Any]) -> None:
+        await asyncio.sleep(5)
+
+    socket = _FakeSocket(direct=None)
+    stream = TwilioStream(socket, _factory(conversation), on_end=slow_store)  # type: ignore[arg-type]
+    for text in (valid("connected"), valid("start"), valid("stop")):
+        socket.incoming.put_nowait({"type": "websocket.receive", "text": text})
+    with caplog.at_level("WARNING", logger="telephony.stream"):
+        assert await asyncio.wait_for(stream.run(), 5) == "stop"
+    assert any(record.getMessage().endswith(": TimeoutError")
+               and "could not store the end" in record.getMessage()
+               for record in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 # -- the stream's side, through a stand-in handle ------------------------------------------
 
 
