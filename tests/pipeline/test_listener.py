@@ -212,11 +212,11 @@ class Counting(SileroVad):
 def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(
         sessions, fixtures_dir, path, config, most) -> None:
     """With `hold`, windows in the middle of speech wait to be scored `HOLD_WINDOWS` at a time,
-    or as many as fit in the shortest pause (a speculative pause of 64 ms: two; of 32 ms: none,
-    where letting three wait moves events by frames), and none
-    where the utterance's length cap could fall among them: every event is the same, stamps
-    and audio included, and each is returned by the same frame (a held window is voiced
-    speech going on: no event turns on it)."""
+    or as many as fit in the shortest pause (a speculative pause of 64 ms: two; of 32 ms:
+    none, where letting three wait moves events by frames), and none where the utterance's
+    length cap could fall among them: every event is the same, stamps and audio included,
+    and each is returned by the same frame (a held window is voiced speech going on: no
+    event turns on it)."""
     pcm = ulaw_to_pcm16(pcm16_to_ulaw(read_wav(fixtures_dir / "book_table.wav", 8000)))
     hiss = np.random.default_rng(3).normal(0, 32768 * 10 ** (-45 / 20), 8 * 3000)
     line = np.concatenate([pcm, np.zeros(8 * 1500), pcm, np.zeros(8 * 1500)])
@@ -241,8 +241,8 @@ def test_holding_windows_in_speech_changes_nothing_but_the_model_runs(
                                                             for frame in held]
     assert max(plain_runs) == 1 and max(held_runs) == most
     assert sum(held_runs) == sum(plain_runs)
-    if most > 1:
-        assert len(held_runs) < 0.8 * len(plain_runs)
+    if most > 1:  # fewer runs: a quarter fewer and more with three windows
+        assert len(held_runs) < {2: 0.8, 3: 0.75}[most] * len(plain_runs)
 
 
 @pytest.mark.parametrize("rate", [8000, 16000])
