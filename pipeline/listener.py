@@ -28,12 +28,12 @@ from typing import Literal
 
 import numpy as np
 
+from media.mulaw import FRAME_BYTES
 from media.resample import HalfbandUpsampler, StreamResampler, resample
 from media.vad import SAMPLE_RATE, SHAPES, WINDOW, Vad
 
 WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms, at either rate
-LINE_FRAME = 160  # samples in a frame of the line's 8 kHz audio (20 ms)
-LINE_FRAME_S = LINE_FRAME / 8000
+FRAME_S = FRAME_BYTES / 8000  # a line frame's audio time (8 kHz μ-law: a byte a sample)
 # In the middle of a caller's speech, voiced windows may wait for up to this many to be scored
 # in one model run (`Listener.feed`'s `hold`): fewer when a silence that decides something is
 # shorter than that many windows (`Listener.hold_windows`). Four would fit the default
@@ -257,7 +257,7 @@ class Listener:
                 # conversation's deferred ones, a quiet block) so stamps its windows as frame
                 # by frame would, not all with its last frame's time; one frame, as before.
                 size = audio.size
-                whole_at.extend([now - (size - end) // LINE_FRAME * LINE_FRAME_S
+                whole_at.extend([now - (size - end) // FRAME_BYTES * FRAME_S
                                  for end in range((len(whole_at) + 1) * window,
                                                   count * window + 1, window)])
             else:  # the resampler's output: when it came (its delay is the VAD's too)
