@@ -77,6 +77,12 @@ def serve(port: int, workers: int, profile: str | None) -> None:
     logging.basicConfig(level=logging.WARNING)
     def run() -> None:
         database_url = os.environ["BENCH_DATABASE_URL"]
+        if not database_url.startswith("sqlite"):
+            # As a deployment's release step (`voicebot db upgrade`): the server migrates only
+            # the embedded SQLite itself, and every write to a bare database would fail.
+            from db.migrate import upgrade_to_head
+
+            upgrade_to_head(database_url)
         serve_workers(host="127.0.0.1", port=port, workers=workers, grace_s=5.0,
                       log_level="warning", ws_max_size=1 << 16,
                       factory="bench.capacity_server:app_from_env",
@@ -406,7 +412,10 @@ def main() -> None:
     parser.add_argument("--generator", choices=("python", "c"), default="python",
                         help="the load generator: bench/media_load.py, or bench/media_load.c "
                              "(the same calls for a fraction of the CPU; built with cc)")
-    parser.add_argument("--database-url", help="default: a fresh SQLite file per step")
+    parser.add_argument("--database-url",
+                        help="default: a fresh SQLite file per step; another database (PostgreSQL)"
+                             " is brought to the newest schema first, as `voicebot db upgrade`"
+                             " does")
     parser.add_argument("--no-db", action="store_true",
                         help="do not store calls (to see what the database writes cost)")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
