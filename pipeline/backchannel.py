@@ -95,6 +95,11 @@ class BargeInPolicy:
     long_ms: int = 704  # voice this long interrupts whatever it is
     verdict_timeout_ms: int = 120  # a partial transcript later than this counts as words
     decide_within_ms: int = 340  # from onset: still voicing then → stop (clear ≤ 0.5 s)
+    # A sound over the bot that ended as a noise (no words in its transcript) and another
+    # that starts within this much silence of it are one sound to the tracker: its onset is
+    # the first one's and its voice adds up. Whisper hears nothing in a word's first syllable
+    # alone, and "Ac-" (a dip) "-tually," (a comma) could otherwise go by as two noises.
+    join_ms: int = 300
 
 
 @dataclass(slots=True)
@@ -108,6 +113,7 @@ class BargeInTracker:
     policy: BargeInPolicy
     started_at: float
     bot_text: str = ""  # what the bot is saying: its own words coming back are not words
+    carried_ms: float = 0.0  # voice of the noises it continues (`BargeInPolicy.join_ms`)
     asked_at_ms: float = -1.0
     asked_when: float | None = None
     words: str | None = None
@@ -117,6 +123,7 @@ class BargeInTracker:
         if self.stopped:
             return None
         p = self.policy
+        voiced_ms += self.carried_ms
         if voiced_ms >= p.long_ms * (2 if self._backchannel else 1) and not self._echo:
             return self._stop()
         # However slow or unsure the words are (a loaded machine, a word Whisper cannot make

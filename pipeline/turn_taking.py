@@ -150,6 +150,10 @@ class TurnTaking:
         self.utterance_id = 0
         self._prepared_for = -1
         self._bot_lines: list[str] = []
+        # The last sound over the bot that ended as a noise without pausing it: (onset, last
+        # voice, voiced ms, carried included), for a sound that follows it closely
+        # (`BargeInPolicy.join_ms`).
+        self._noise: tuple[float, float, float] | None = None
 
     @property
     def paused_bot(self) -> bool:
@@ -227,8 +231,14 @@ class TurnTaking:
         self._onset_at = at
         self.detector.resume()
         self.detector.words_required = bot_audible and self.smart
-        self._tracker = (BargeInTracker(self.config.barge_in, at, self.bot_text)
-                         if bot_audible else None)
+        self._tracker = None
+        noise, self._noise = self._noise, None
+        if bot_audible:
+            self._tracker = BargeInTracker(self.config.barge_in, at, self.bot_text)
+            if noise is not None and (at - noise[1]) * 1000 <= self.config.barge_in.join_ms:
+                # It goes on from a noise just before it: one sound, from the first onset.
+                self._onset_at = self._tracker.started_at = noise[0]
+                self._tracker.carried_ms = noise[2]
 
     def _confirmed(self, event: SpeechConfirmed, actions: list[Action]) -> None:
         if not self._during_bot:
@@ -335,6 +345,9 @@ class TurnTaking:
                 kind = self.interjection(decision.transcript)
                 interjection = None if kind == "words" else kind
         ended = TurnEnded(speech, decision, self._during_bot, self._paused_bot, interjection)
+        if interjection == "noise" and not self._paused_bot and self._tracker is not None:
+            self._noise = (self._onset_at, speech.last_voice_at,
+                           self._tracker.carried_ms + speech.voiced_ms)
         self._analyzing = False
         self.pause_id += 1
         self._tracker = None

@@ -87,6 +87,82 @@ def test_voice_still_going_at_the_deadline_stops_the_bot_unless_it_sounds_like_l
     assert tracker.feed(voiced + 32, deadline) == ("interrupt" if stops else None)
 
 
+class _Pattern:
+    """A VAD that scores windows from a script of voiced (True) and silent (False) windows."""
+
+    sample_rate = 8000
+
+    def __init__(self, voiced: list[bool]) -> None:
+        self.voiced = iter(voiced)
+
+    def score_run(self, windows: np.ndarray) -> list[float]:
+        return [1.0 if next(self.voiced) else 0.0 for _ in windows]
+
+    def reset(self) -> None:
+        return None
+
+
+def _over_the_bot(gap_windows: int) -> tuple[list[tuple[float, object]], float]:
+    """"Ac-" (5 voiced windows), a dip of `gap_windows`, then "-tually" (12 voiced), all
+    while the bot talks; the first sound's transcript at its pause is empty (Whisper hears
+    no word in "Ac-"), and so is the second's partial. (time, action) for every action, and
+    the first sound's onset."""
+    from pipeline.listener import Listener
+    from pipeline.turn_detector import TurnDetector
+    from pipeline.turn_taking import Analyze, Transcribe, TurnTaking
+
+    script = [True] * 5 + [False] * gap_windows + [True] * 12 + [False] * 4
+    turns = TurnTaking(Listener(_Pattern(script)), TurnDetector(uses_model=False))  # type: ignore[arg-type]
+    window = np.full(256, 3000, dtype=np.int16)
+    out: list[tuple[float, object]] = []
+    for index in range(len(script)):
+        now = (index + 1) * 0.032
+        actions = turns.feed(window, now, bot_audible=True)
+        for action in actions:
+            out.append((now, action))
+            if isinstance(action, Analyze):
+                out.extend((now, a) for a in turns.on_transcript("", now, action.pause_id))
+            elif isinstance(action, Transcribe):
+                out.extend((now, a) for a in turns.on_partial("", now, action.utterance_id))
+    return out, 0.032
+
+
+@pytest.mark.parametrize("gap_windows", [6, 8])
+def test_a_word_split_into_two_noises_over_the_bot_is_one_sound(gap_windows: int) -> None:
+    """"Ac-" ends as a noise at its pause (no words in it alone) and "-tually" starts 224 or
+    288 ms after its last voice, within `BargeInPolicy.join_ms`: the second sound carries on
+    from the first, so the bot is stopped once 256 ms are voiced in all and 340 ms have
+    passed since the first onset (`decide_within_ms`), within half a second of it, not 340
+    ms after the second's onset; and the pause reports the first onset. (Before, in about one alignment of the windows in four,
+    "Actually," went by as two noises and the bot stopped at "wait", a second in.)"""
+    from pipeline.turn_taking import PauseBot, TurnEnded
+
+    actions, onset = _over_the_bot(gap_windows)
+    ended = [a for _, a in actions if isinstance(a, TurnEnded)]
+    assert ended[0].interjection == "noise" and not ended[0].paused_bot
+    paused = [(at, a) for at, a in actions if isinstance(a, PauseBot)]
+    assert len(paused) == 1
+    at, pause = paused[0]
+    assert pause.onset_at == onset
+    second_onset = onset + (5 + gap_windows) * 0.032
+    assert at - onset <= 0.5 and at < second_onset + BargeInPolicy().decide_within_ms / 1000
+
+
+def test_a_sound_after_a_longer_silence_is_a_sound_of_its_own() -> None:
+    """Past `join_ms` of silence a noise and the next sound are apart: the deadline counts
+    from the second sound's own onset."""
+    from pipeline.turn_taking import PauseBot
+
+    gap = 9  # 320 ms after the noise's last voice
+    actions, onset = _over_the_bot(gap)
+    paused = [(at, a) for at, a in actions if isinstance(a, PauseBot)]
+    assert len(paused) == 1
+    at, pause = paused[0]
+    second_onset = onset + (5 + gap) * 0.032
+    assert pause.onset_at == second_onset
+    assert at - second_onset >= BargeInPolicy().decide_within_ms / 1000
+
+
 def test_a_hum_that_whisper_spells_out_is_a_backchannel() -> None:
     assert classify_interjection("M-H-N.") == "backchannel"
     assert classify_interjection("M-A-A-A-") == "backchannel"
