@@ -13,6 +13,9 @@ from pipeline.backchannel import (
     partial_says_words,
 )
 from pipeline.echo_guard import EchoGuard
+from pipeline.listener import Listener
+from pipeline.turn_detector import TurnDetector
+from pipeline.turn_taking import Analyze, PauseBot, Transcribe, TurnEnded, TurnTaking
 
 
 @pytest.mark.parametrize(("text", "kind"), [
@@ -107,10 +110,6 @@ def _over_the_bot(gap_windows: int) -> tuple[list[tuple[float, object]], float]:
     while the bot talks; the first sound's transcript at its pause is empty (Whisper hears
     no word in "Ac-"), and so is the second's partial. (time, action) for every action, and
     the first sound's onset."""
-    from pipeline.listener import Listener
-    from pipeline.turn_detector import TurnDetector
-    from pipeline.turn_taking import Analyze, Transcribe, TurnTaking
-
     script = [True] * 5 + [False] * gap_windows + [True] * 12 + [False] * 4
     turns = TurnTaking(Listener(_Pattern(script)), TurnDetector(uses_model=False))  # type: ignore[arg-type]
     window = np.full(256, 3000, dtype=np.int16)
@@ -133,10 +132,9 @@ def test_a_word_split_into_two_noises_over_the_bot_is_one_sound(gap_windows: int
     288 ms after its last voice, within `BargeInPolicy.join_ms`: the second sound carries on
     from the first, so the bot is stopped once 256 ms are voiced in all and 340 ms have
     passed since the first onset (`decide_within_ms`), within half a second of it, not 340
-    ms after the second's onset; and the pause reports the first onset. (Before, in about one alignment of the windows in four,
-    "Actually," went by as two noises and the bot stopped at "wait", a second in.)"""
-    from pipeline.turn_taking import PauseBot, TurnEnded
-
+    ms after the second's onset; and the pause reports the first onset. (Before, in about
+    one alignment of the windows in four, "Actually," went by as two noises and the bot
+    stopped at "wait", a second in.)"""
     actions, onset = _over_the_bot(gap_windows)
     ended = [a for _, a in actions if isinstance(a, TurnEnded)]
     assert ended[0].interjection == "noise" and not ended[0].paused_bot
@@ -151,8 +149,6 @@ def test_a_word_split_into_two_noises_over_the_bot_is_one_sound(gap_windows: int
 def test_a_sound_after_a_longer_silence_is_a_sound_of_its_own() -> None:
     """Past `join_ms` of silence a noise and the next sound are apart: the deadline counts
     from the second sound's own onset."""
-    from pipeline.turn_taking import PauseBot
-
     gap = 9  # 320 ms after the noise's last voice
     actions, onset = _over_the_bot(gap)
     paused = [(at, a) for at, a in actions if isinstance(a, PauseBot)]
